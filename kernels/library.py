@@ -1,0 +1,129 @@
+"""The one op namespace of the kernel backend, input checks, and the opcheck registry.
+
+Every kernel of the backend is a real torch op, ``torch.ops.fusionpasses.<name>``, defined with
+``torch.library.custom_op`` in the kernel's own file, next to its launcher, its fake impl and its
+plain-PyTorch reference (registered as the CPU kernel). Graph passes match and emit these ops, so
+their schemas are the contract between ``fusionpasses/`` and ``kernels/``.
+
+Conventions for a kernel file ``kernels/<op>.py``:
+
+- ``reference_<op>(...)``: plain PyTorch, device-agnostic, the definition of the op's result.
+- ``@torch.library.custom_op(op_name("<op>"), mutates_args=..., device_types="cuda")``: the fast path.
+- ``<op>.register_kernel("cpu")``: the reference (so gloo tests and CPU inspection run the op).
+- ``<op>.register_fake``: shapes only, symbolic-size safe (no ``int()`` of sizes, no data-dependent checks).
+- ``@opcheck_samples(<op>)``: a generator of small CPU sample inputs that ``tests/test_opcheck.py`` feeds
+  to ``torch.library.opcheck``.
+- Input validation through :func:`check` and friends, so every error names the op and the argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+NAMESPACE = "fusionpasses"
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def op_name(name: str) -> str:
+    """Qualified name for ``torch.library.custom_op``: ``fusionpasses::<name>``."""
+    return f"{NAMESPACE}::{name}"
+
+
+class KernelInputError(ValueError):
+    """A fused op was called with arguments it does not support (dtype, layout, shape, divisibility)."""
+
+
+def check(condition: bool, op: str, message: str) -> None:
+    """Raise :class:`KernelInputError` naming ``op`` when ``condition`` is false."""
+    if not condition:
+        raise KernelInputError(f"fusionpasses.{op}: {message}")
+
+
+def check_dtype(t: torch.Tensor, op: str, arg: str, allowed: Iterable[torch.dtype]) -> None:
+    allowed = tuple(allowed)
+    check(
+        t.dtype in allowed,
+        op,
+        f"{arg} must have dtype in {[str(d).removeprefix('torch.') for d in allowed]}, got {t.dtype}",
+    )
+
+
+def check_ndim(t: torch.Tensor, op: str, arg: str, ndim: int) -> None:
+    check(t.dim() == ndim, op, f"{arg} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def check_contiguous(t: torch.Tensor, op: str, arg: str) -> None:
+    check(t.is_contiguous(), op, f"{arg} must be contiguous (row-major), got strides {t.stride()}")
+
+
+def check_column_major(t: torch.Tensor, op: str, arg: str) -> None:
+    """A 2-D (K, N) operand stored as the transpose of a contiguous (N, K) tensor."""
+    check(
+        t.dim() == 2 and t.stride(0) == 1 and t.stride(1) >= max(1, t.shape[0]),
+        op,
+        f"{arg} must be column-major (the .t() of a contiguous (N, K) weight), got shape "
+        f"{tuple(t.shape)} and strides {t.stride()}",
+    )
+
+
+def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    check(len(set(devices.values())) <= 1, op, f"all tensors must be on one device, got {devices}")
+
+
+def check_tensorwise_scale(t: torch.Tensor, op: str, arg: str) -> None:
+    check(t.dtype == torch.float32, op, f"{arg} must be float32, got {t.dtype}")
+    check(t.numel() == 1, op, f"{arg} must be a tensor-wise scale with one element, got shape {tuple(t.shape)}")
+
+
+def check_divisible(value: int, divisor: int, op: str, what: str) -> None:
+    check(value % divisor == 0, op, f"{what} ({value}) must be divisible by {divisor}")
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck registry
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpSample:
+    """One call of an op for ``torch.library.opcheck``: positional args and kwargs, CPU tensors."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    name: str = ""
+
+
+_OPCHECK_SAMPLES: dict[str, tuple[Any, Callable[[], Iterator[OpSample]]]] = {}
+
+
+def opcheck_samples(op: Any) -> Callable[[Callable[[], Iterable[OpSample]]], Callable[[], Iterable[OpSample]]]:
+    """Register a generator of sample inputs for ``op`` (a custom op object or an OpOverload)."""
+
+    def register(fn: Callable[[], Iterable[OpSample]]) -> Callable[[], Iterable[OpSample]]:
+        key = _op_key(op)
+        if key in _OPCHECK_SAMPLES:
+            raise RuntimeError(f"opcheck samples for {key} registered twice")
+        _OPCHECK_SAMPLES[key] = (op, fn)
+        return fn
+
+    return register
+
+
+def registered_opcheck_samples() -> Sequence[tuple[str, Any, Callable[[], Iterable[OpSample]]]]:
+    """(qualified name, op, sample generator) for every op that registered samples."""
+    return [(key, op, fn) for key, (op, fn) in sorted(_OPCHECK_SAMPLES.items())]
+
+
+def _op_key(op: Any) -> str:
+    # custom_op objects expose `_qualname`; OpOverload/OpOverloadPacket expose `name()`/`_qualified_op_name`.
+    for attr in ("_qualname", "_qualified_op_name"):
+        if hasattr(op, attr):
+            return str(getattr(op, attr))
+    return str(op.name())
