@@ -12,7 +12,8 @@ Conventions for a kernel file ``kernels/<op>.py``:
 - ``<op>.register_kernel("cpu")``: the reference (so gloo tests and CPU inspection run the op).
 - ``<op>.register_fake``: shapes only, symbolic-size safe (no ``int()`` of sizes, no data-dependent checks).
 - ``@opcheck_samples(<op>)``: a generator of small CPU sample inputs that ``tests/test_opcheck.py`` feeds
-  to ``torch.library.opcheck``.
+  to ``torch.library.opcheck``. It is called inside a 1-rank gloo process group (the WORLD group), so
+  collective ops can name ``dist.group.WORLD.group_name``.
 - Input validation through :func:`check` and friends, so every error names the op and the argument.
 """
 

@@ -1,0 +1,1 @@
+"""Matching helpers shared by the passes: graph utilities, collectives, GEMM kinds, norms."""
