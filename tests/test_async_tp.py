@@ -357,3 +357,17 @@ def test_malformed_collectives_are_left_alone(fake_pg2):
     before = str(gm.graph)
     p = run_pass(gm)
     assert str(gm.graph) == before and p.stats.matched == 0
+
+
+@pytest.mark.parametrize("world_size", [4, 8])
+def test_tp4_tp8_mlp_fuses_both_ends(world_size):
+    from tests.conftest import fake_process_group
+
+    with fake_process_group(world_size):
+        x, w = torch.randn(16, 64, dtype=BF16), torch.randn(64, 64, dtype=BF16)
+        gm = post_grad_graph(mlp, x, w)
+        p = run_pass(gm)
+        assert p.stats.matched_count("all_gather+mm") == 1 and p.stats.matched_count("mm+reduce_scatter") == 1
+        fused = nodes_of(gm, fp.all_gather_gemm.default) + nodes_of(gm, fp.gemm_reduce_scatter.default)
+        assert {n.args[6] if n.target == fp.all_gather_gemm.default else n.args[7] for n in fused} == {world_size}
+        assert gm(x, w).shape == (16, 64)

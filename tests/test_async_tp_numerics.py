@@ -97,3 +97,8 @@ def _compiled_equals_eager(rank: int, world_size: int, names: tuple[str, ...]) -
 @pytest.mark.parametrize("names", [("mlp", "mlp_seq_b2", "residual"), ("scaled_mm", "bmm_fp8_avg")], ids=["bf16", "fp8"])
 def test_compiled_with_async_tp_equals_eager_on_every_rank(names):
     run_gloo(_compiled_equals_eager, names, world_size=2)
+
+
+@pytest.mark.gloo
+def test_tp4_compiled_mlp_equals_eager_on_every_rank():
+    run_gloo(_compiled_equals_eager, ("mlp", "mlp_seq_b2"), world_size=4)
