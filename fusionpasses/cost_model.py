@@ -2,24 +2,25 @@
 
 Unfused, the collective and the GEMM run back to back:
 
-    t_unfused = t_gemm(M) + t_collective(bytes)
+    t_unfused = t_gemm(M) + moved_bytes / collective_rate + latency
 
-Fused, the GEMM runs in ws row chunks overlapped with peer copies, but the pipeline is issued from
-Python (chunking, peer buffers, barriers, one GEMM call per chunk), so small problems are bound by
-that host time instead:
+Fused, the GEMM runs in ws row chunks overlapped with peer copies. Chunking changes the GEMM's own
+speed (cuBLAS picks other kernels for M / ws rows: slower for _scaled_mm, sometimes faster for
+FlashInfer's cuBLASLt heuristic), and the pipeline is issued from Python, so small problems are bound
+by host time:
 
-    t_fused = max(t_host(kind, ws), max(ws * t_gemm(M / ws), t_copy(bytes)) + ws * t_step)
+    t_fused = max(t_host, a[kind, side] * t_gemm(M) + b[kind, side], moved_bytes / link_rate + t_gemm(M) / ws)
 
-with t_gemm(M) = 2·M·K·N / rate(dtype) + t_call(kind). The constants are calibrated from measurements
-on 2×H200 (torch 2.11, NVLink, multicast off; shared/research/torch_micro_tp.md §2.8 and
-device_measurements_h200.md): torch's fused _scaled_mm is 0.56× at 4096³ and 1.19× at 8192³, and the
-fused path with FlashInfer's public bmm_fp8 has a ~0.7 ms floor. docs/benchmarks.md has the latest
-measurements of this project's ops; ``GpuProfile`` fields can be overridden through the config.
+The constants were fitted to scripts/bench_async_tp.py on 2x H200 (torch 2.11, NVLink, multicast off,
+2026-11-22; docs/benchmarks.md): (a, b) is a line through fused time against GEMM-alone time over the
+grid's shapes with GEMMs >= 0.15 ms, with b raised toward the 90th percentile of the residuals so that
+mid-size shapes, where chunked cuBLAS kernels vary most, are not overrated; t_host is the smallest
+fused time. ``FusionConfig.async_tp_min_speedup`` adds a margin for run-to-run noise.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from .config import FusionConfig
 
@@ -32,40 +33,42 @@ class GpuProfile:
     bf16_tflops: float
     """Achieved dense bf16 GEMM rate at large sizes (TFLOP/s)."""
     collective_gbps: float
-    """NCCL all_gather / reduce_scatter bus rate per GPU, multicast off (GB/s)."""
+    """NCCL all_gather / reduce_scatter rate per GPU over the bytes each GPU receives, multicast off (GB/s)."""
     collective_latency_us: float
     link_gbps: float
     """Peer copy rate over NVLink through SymmetricMemory buffers (GB/s)."""
-    step_us: float
-    """GPU-side cost of one pipeline step (barrier + copy launch)."""
-    hbm_gbps: float
-    """Device memory rate (read + write), for the local reduction of reduce_scatter partials (GB/s)."""
-    host_us: dict[str, float]
-    """Host time to issue one fused call, by GEMM kind: the floor of the fused path without CUDA graphs."""
+    host_us: float
+    """Fastest fused call: the pipeline's host time (Python chunking, buffers, barriers, one GEMM per chunk)."""
     call_us: dict[str, float]
     """Launch cost of one GEMM call by kind, beyond its arithmetic."""
+    chunked: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
+    """(a, b): fused time = a * unchunked GEMM time + b us when the copies hide, by (kind, "ag" | "rs")."""
 
 
 HOPPER = GpuProfile(
     name="Hopper (H100/H200)",
-    fp8_tflops=1300.0,
-    bf16_tflops=700.0,
-    collective_gbps=270.0,
+    fp8_tflops=1350.0,
+    bf16_tflops=690.0,
+    collective_gbps=200.0,
     collective_latency_us=15.0,
     link_gbps=300.0,
-    step_us=10.0,
-    hbm_gbps=4000.0,
-    host_us={"mm": 280.0, "scaled_mm": 280.0, "bmm_fp8": 280.0, "bmm_fp8_public": 750.0},
-    call_us={"mm": 8.0, "scaled_mm": 10.0, "bmm_fp8": 12.0, "bmm_fp8_public": 86.0},
+    host_us=250.0,
+    call_us={"mm": 8.0, "scaled_mm": 10.0, "bmm_fp8": 12.0},
+    chunked={
+        ("bmm_fp8", "ag"): (0.61, 420.0), ("bmm_fp8", "rs"): (0.81, 245.0),
+        ("scaled_mm", "ag"): (1.04, 140.0), ("scaled_mm", "rs"): (1.11, 140.0),
+        ("mm", "ag"): (1.03, 100.0), ("mm", "rs"): (1.09, 80.0),
+    },
 )
 
-# Blackwell: faster GEMMs shrink the window a copy can hide in; kept conservative until measured.
+# Blackwell: not measured here. Faster GEMMs shrink the window a copy can hide in; the Hopper
+# chunking costs are kept, which the faster links (NVLink 5) do not make worse.
 BLACKWELL = replace(
     HOPPER,
     name="Blackwell (B200/B300)",
     fp8_tflops=2600.0,
     bf16_tflops=1400.0,
-    collective_gbps=500.0,
+    collective_gbps=400.0,
     link_gbps=600.0,
 )
 
@@ -101,14 +104,10 @@ def estimate(
     profile: GpuProfile, kind: str, m: int, k: int, n: int, world_size: int, comm_bytes: int, reduce: bool = False
 ) -> Estimate:
     """Predicted times for one fused op. ``m`` is the global row count, ``comm_bytes`` the bytes of the
-    whole gathered (or reduce-scattered) tensor; ``reduce`` adds the local sum of the ws partials."""
+    whole gathered (or reduce-scattered) tensor; ``reduce`` selects the reduce-scatter side."""
     moved = comm_bytes * (world_size - 1) / world_size
-    unfused = (
-        _gemm_us(profile, kind, m, k, n)
-        + moved / (profile.collective_gbps * 1e3)
-        + profile.collective_latency_us
-    )
-    overlapped = max(world_size * _gemm_us(profile, kind, m / world_size, k, n), moved / (profile.link_gbps * 1e3))
-    local_reduce = (comm_bytes + comm_bytes / world_size) / (profile.hbm_gbps * 1e3) if reduce else 0.0
-    fused = max(profile.host_us[kind], overlapped + world_size * profile.step_us + local_reduce)
+    gemm = _gemm_us(profile, kind, m, k, n)
+    unfused = gemm + moved / (profile.collective_gbps * 1e3) + profile.collective_latency_us
+    a, b = profile.chunked[(kind, "rs" if reduce else "ag")]
+    fused = max(profile.host_us, a * gemm + b, moved / (profile.link_gbps * 1e3) + gemm / world_size)
     return Estimate(m=m, unfused_us=unfused, fused_us=fused)

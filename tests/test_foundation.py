@@ -71,7 +71,7 @@ def test_uuid_changes_with_every_config_field_and_is_computed_once():
         "symm_mem": "assume",
         "token_range": (16, 4096),
         "async_tp_gating": "always",
-        "async_tp_min_speedup": 1.1,
+        "async_tp_min_speedup": 1.2,
         "link_gbps": 300.0,
         "sp_thresholds": ((9, SPThreshold(4096, 4.0)),),
         "sp_min_tokens": 64,

@@ -1,0 +1,435 @@
+"""NVFP4 quantization that writes the K padding of block-scaled FP4 GEMMs itself: ``nvfp4_quant``.
+
+Block-scaled FP4 GEMMs (CUTLASS, cuBLASLt) read K padded to an aligned size. Quantizing and then
+``F.pad``-ing the packed values and the block scales reads and writes everything a second time;
+this op writes straight into the padded buffers (zeros included), so the pad costs nothing.
+
+    packed, scales = torch.ops.fusionpasses.nvfp4_quant(x, global_scale, padded_n=None, scale_layout="linear")
+
+Format (NVFP4, blocks of 16 along N; all arithmetic in float32, IEEE round-to-nearest-even)
+    x             (M, N) bf16 or fp16, N a multiple of 16, unit stride along N (rows may be strided)
+    global_scale  float32, one element; conventionally ``448 * 6 / amax(|x|)``. Must be finite and > 0.
+    width         ``padded_n`` when given (>= N, a multiple of 16), else N. Columns N..width-1 are
+                  quantized as zeros: their codes and their block scales are exactly 0.
+    per block b of 16 values of a row:
+        amax_b    max |x| over the block (exact in float32)
+        scale_b   e4m3(min(amax_b * float32(1/6) * global_scale, 448)) (products left to right): FP8
+                  E4M3 (float8_e4m3fn), rounded to nearest even, subnormals kept, saturated at 448. The
+                  multiply by float32(1/6) = 0x3E2AAAAB (not a division) is what TensorRT-LLM and vLLM do.
+        factor_b  global_scale / float(scale_b), or 0 when scale_b == 0 (an all-zero block)
+        code_i    e2m1(x_i * factor_b): the nearest of +-{0, 0.5, 1, 1.5, 2, 3, 4, 6}, a value exactly
+                  halfway between two going to the one with the even code, |values| > 6 saturating to 6;
+                  the sign bit (bit 3) is the sign of the product, so small negatives give -0 (code 8)
+    decoding:   x_i ~ e2m1_value(code_i) * float(scale_b) / global_scale
+
+Outputs
+    packed  uint8 (M, width / 2), row-major: byte j of row m holds element 2j in its low nibble and
+            element 2j + 1 in its high nibble.
+    scales  float8_e4m3fn, in one of two layouts:
+        "linear"    (M, width / 16), row-major: scales[m, b] is block b of row m.
+        "swizzled"  (round_up(M, 128), round_up(width / 16, 4)): the 128x4-tile layout that cuBLASLt and
+                    CUTLASS block-scaled GEMMs read. The tensor is a byte container; its memory order is
+                    not its 2-D index order. The scale of (row m, block b) is at byte
+                        (m // 128 * (Cp / 4) + b // 4) * 512 + (m % 32) * 16 + (m // 32 % 4) * 4 + b % 4
+                    of the contiguous buffer, Cp = round_up(width / 16, 4): 128-row x 4-block tiles of 512
+                    bytes, row tile by row tile, the 4 block-column tiles of a row tile in order. Bytes of
+                    rows M..round_up(M, 128)-1 and of blocks width/16..Cp-1 are 0. Rows 128t..128t+127 of
+                    the 2-D tensor hold exactly row tile t, so splitting or gathering it along dim 0 in
+                    multiples of 128 rows splits or gathers whole row tiles.
+    TensorRT-LLM's 8x4 small-M layout is not supported.
+
+Consumers: CUTLASS and cuBLASLt NVFP4 GEMMs need K (the packed row length in elements) to be a multiple of
+32 (16-byte rows of the FP4 operand), so callers pass ``padded_n = round_up(N, 32)``; the op itself
+only needs whole blocks (multiples of 16). With the swizzled layout, padding K from N to round_up(N, 32)
+never changes the scale tensor's shape (its columns are already padded to 4 blocks = 64 elements).
+
+GPU kernel: Triton, one program per (row tile, K tile), bit-identical to :func:`reference_nvfp4_quant`.
+E2M1 rounding is done in software (float32 adds and integer ops) on every GPU, Hopper and Blackwell
+alike. Blackwell's hardware ``cvt.rn.satfinite.e2m1x2.f32`` is not used: no Blackwell machine is available
+to check that inline-PTX path bit for bit, and the software conversion costs a few ALU instructions per
+element in a kernel bound by memory bandwidth. The block scales use Triton's fp32 -> fp8e4nv cast on
+GPUs (``cvt.rn.satfinite``, nearest even) but software rounding under Triton's CPU interpreter, whose
+fp8 cast rounds ties and subnormals wrongly; both are checked against the reference (CPU suite and
+GPU tests). Divisions are IEEE (``tl.math.div_rn``): Triton's ``/`` is approximate on NVIDIA GPUs.
+NaN inputs give unspecified codes, confined to the NaN's own nibble.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import interpreting, jit, require_triton, tl, triton
+from .library import (
+    HALF_DTYPES,
+    OpSample,
+    check,
+    check_dtype,
+    check_ndim,
+    check_same_device,
+    check_tensorwise_scale,
+    op_name,
+    opcheck_samples,
+)
+
+OP = "nvfp4_quant"
+BLOCK_SIZE = 16
+"""Values per block scale along N."""
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+SCALE_LAYOUTS = ("linear", "swizzled")
+SWIZZLE_TILE_ROWS = 128
+SWIZZLE_TILE_COLS = 4
+
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+"""Magnitude of each E2M1 code 0..7; code | 8 is the negative."""
+_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+# A value exactly on the midpoint between codes j and j + 1 goes to the even one: up for odd j.
+_E2M1_TIES_UP = (0.75, 1.75, 3.5)
+
+SCHEMA = '(Tensor x, Tensor global_scale, SymInt? padded_n=None, str scale_layout="linear") -> (Tensor packed, Tensor scales)'
+
+
+def round_up(value, multiple: int):
+    """``value`` rounded up to a multiple of ``multiple`` (works on ints and SymInts)."""
+    return (value + multiple - 1) // multiple * multiple
+
+
+def scale_shape(m, width, scale_layout: str) -> tuple:
+    """Shape of the scale tensor for ``m`` rows quantized to ``width`` columns."""
+    blocks = width // BLOCK_SIZE
+    if scale_layout == "swizzled":
+        return (round_up(m, SWIZZLE_TILE_ROWS), round_up(blocks, SWIZZLE_TILE_COLS))
+    return (m, blocks)
+
+
+def _validate(x: torch.Tensor, global_scale: torch.Tensor, padded_n: int | None, scale_layout: str) -> None:
+    check_ndim(x, OP, "x", 2)
+    check_dtype(x, OP, "x", HALF_DTYPES)
+    check_tensorwise_scale(global_scale, OP, "global_scale")
+    check_same_device(OP, x=x, global_scale=global_scale)
+    check(
+        scale_layout in SCALE_LAYOUTS,
+        OP,
+        f"scale_layout must be one of {SCALE_LAYOUTS}, got {scale_layout!r}"
+        + ("; TensorRT-LLM's 8x4 layout is not supported" if "8" in str(scale_layout) else ""),
+    )
+    n = x.shape[1]
+    if isinstance(n, int):
+        check(n > 0 and n % BLOCK_SIZE == 0, OP, f"N = x.shape[1] ({n}) must be a positive multiple of {BLOCK_SIZE}")
+        check(x.stride(1) == 1, OP, f"x must have unit stride along N (rows may be strided), got strides {x.stride()}")
+    if padded_n is not None and isinstance(padded_n, int) and isinstance(n, int):
+        check(padded_n >= n, OP, f"padded_n ({padded_n}) must be >= N ({n})")
+        check(
+            padded_n % BLOCK_SIZE == 0,
+            OP,
+            f"padded_n ({padded_n}) must be a multiple of {BLOCK_SIZE} (whole scale blocks); "
+            "FP4 GEMMs need a multiple of 32",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (plain PyTorch, from the format definition)
+# ---------------------------------------------------------------------------------------------
+
+
+def e2m1_codes(q: torch.Tensor) -> torch.Tensor:
+    """E2M1 code (int32, 0..15) of each float32 value: nearest magnitude, ties to the even code, saturating."""
+    magnitude = q.abs()
+    midpoints = torch.tensor(_E2M1_MIDPOINTS, dtype=q.dtype, device=q.device)
+    # bucketize counts the midpoints strictly below the value, so a tie lands on the lower code ...
+    code = torch.bucketize(magnitude, midpoints, out_int32=True)
+    # ... which is right for ties below an even code and one short for ties below an odd code.
+    for tie in _E2M1_TIES_UP:
+        code += (magnitude == tie).to(torch.int32)
+    return code | (torch.signbit(q).to(torch.int32) << 3)
+
+
+def swizzle_scales(linear: torch.Tensor) -> torch.Tensor:
+    """(M, B) row-major block scales -> the swizzled (round_up(M, 128), round_up(B, 4)) 128x4-tile layout."""
+    m, blocks = linear.shape
+    rows, cols = round_up(m, SWIZZLE_TILE_ROWS), round_up(blocks, SWIZZLE_TILE_COLS)
+    padded = F.pad(linear.view(torch.uint8), (0, cols - blocks, 0, rows - m))
+    # row m = 128 * tile + 32 * group + lane; within a tile the byte order is (lane, group, column).
+    tiles = padded.reshape(rows // 128, 4, 32, cols // 4, 4).permute(0, 3, 2, 1, 4)
+    return tiles.reshape(rows, cols).view(linear.dtype)
+
+
+def unswizzle_scales(swizzled: torch.Tensor, m: int, blocks: int) -> torch.Tensor:
+    """Inverse of :func:`swizzle_scales`: the (m, blocks) row-major scales."""
+    rows, cols = swizzled.shape
+    tiles = swizzled.contiguous().view(torch.uint8).reshape(rows // 128, cols // 4, 32, 4, 4)
+    linear = tiles.permute(0, 3, 2, 1, 4).reshape(rows, cols)
+    return linear[:m, :blocks].view(swizzled.dtype)
+
+
+def _sixth(like: torch.Tensor) -> torch.Tensor:
+    # float32(1/6), the multiplier that block-scaled FP4 quantizers use for amax / 6.
+    return torch.full_like(like, 1.0 / E2M1_MAX)
+
+
+def reference_nvfp4_quant(
+    x: torch.Tensor, global_scale: torch.Tensor, padded_n: int | None = None, scale_layout: str = "linear"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition of ``nvfp4_quant`` (see the module docstring), in plain PyTorch."""
+    m, n = x.shape
+    width = n if padded_n is None else padded_n
+    blocks = F.pad(x.float(), (0, width - n)).reshape(m, width // BLOCK_SIZE, BLOCK_SIZE)
+    gs = global_scale.float().reshape(1, 1).expand(m, width // BLOCK_SIZE)
+    amax = blocks.abs().amax(dim=-1)
+    scales = torch.clamp(amax * _sixth(amax) * gs, max=E4M3_MAX).to(torch.float8_e4m3fn)
+    decoded = scales.float()
+    # Tensor / tensor: CUDA turns a division by a scalar into a multiply by its reciprocal.
+    factor = torch.where(decoded > 0, gs / decoded, torch.zeros_like(decoded))
+    codes = e2m1_codes(blocks * factor.unsqueeze(-1)).reshape(m, width)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+    if scale_layout == "swizzled":
+        scales = swizzle_scales(scales)
+    return packed, scales.contiguous()
+
+
+def dequantize_nvfp4(
+    packed: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor, scale_layout: str = "linear"
+) -> torch.Tensor:
+    """float32 (M, width) values that ``packed`` and ``scales`` encode (padding included)."""
+    m, half_width = packed.shape
+    width = 2 * half_width
+    if scale_layout == "swizzled":
+        scales = unswizzle_scales(scales, m, width // BLOCK_SIZE)
+    table = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), device=packed.device)
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(m, width).long()
+    block_scale = scales.float().repeat_interleave(BLOCK_SIZE, dim=1)
+    return table[codes] * block_scale / global_scale.float().reshape(())
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel
+# ---------------------------------------------------------------------------------------------
+
+
+@jit
+def _round_to_e4m3(v):
+    """Non-negative float32 v <= 448 -> (E4M3 value as float32, E4M3 code): nearest, ties to even."""
+    # E4M3 subnormals are multiples of 2^-9 below 2^-6: adding 2^14 (float32 ulp 2^-9 there) rounds to them.
+    below_normal = v < 0.015625
+    subnormal = (v + 16384.0) - 16384.0
+    # Normal range: keep 3 of float32's 23 mantissa bits, rounding the 20 dropped bits to nearest even;
+    # a carry out of the mantissa correctly bumps the exponent.
+    bits = v.to(tl.int32, bitcast=True)
+    rounded_bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576
+    value = tl.where(below_normal, subnormal, rounded_bits.to(tl.float32, bitcast=True))
+    # E4M3 code = (biased exponent << 3) | mantissa; float32 and E4M3 exponent biases differ by 120.
+    code = tl.where(below_normal, (subnormal * 512.0).to(tl.int32), (rounded_bits >> 20) - (120 << 3))
+    return value, code
+
+
+@jit
+def _e2m1_codes(q):
+    """float32 -> E2M1 code 0..15: nearest of +-{0, .5, 1, 1.5, 2, 3, 4, 6}, ties to even, saturating."""
+    magnitude = tl.minimum(tl.abs(q), 6.0)
+    # E2M1 steps are 0.5 below 2, 1 below 4, 2 up to 6. Adding 2^22, 2^23 or 2^24 (whose float32 ulp is that
+    # step) rounds to the grid with the hardware's ties-to-even; the float32 bit difference then counts
+    # steps above zero (below 2), above 2 - 2 steps (below 4) or above 4 - 2 steps, and the offsets
+    # 0 / 2 / 4 turn that count into the code.
+    small = magnitude < 2.0
+    medium = magnitude < 4.0
+    magic = tl.where(small, 4194304.0, tl.where(medium, 8388608.0, 16777216.0))
+    magic_bits_minus_offset = tl.where(small, 0x4A800000, tl.where(medium, 0x4B000000 - 2, 0x4B800000 - 4))
+    code = (magnitude + magic).to(tl.int32, bitcast=True) - magic_bits_minus_offset
+    # The top 4 bits of float32 are the sign (bit 3 after the shift) and 3 exponent bits, which the
+    # mask drops; "& 7" also keeps a NaN's garbage code out of the neighbouring nibble.
+    sign_and_exponent = (q.to(tl.uint32, bitcast=True) >> 28).to(tl.int32)
+    return (code & 7) | (sign_and_exponent & ~7)
+
+
+@jit
+def _nvfp4_quant_kernel(
+    x_ptr,
+    global_scale_ptr,
+    packed_ptr,
+    scales_ptr,
+    M,
+    N,
+    stride_xm,
+    packed_cols,
+    scale_rows,
+    scale_cols,
+    k_tiles,
+    SWIZZLED: tl.constexpr,
+    SOFTWARE_E4M3: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    # K tiles vary fastest, so neighbouring programs stream neighbouring bytes of the same rows.
+    pid_m = pid // k_tiles
+    pid_k = pid % k_tiles
+
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    # Columns N..width and rows M..scale_rows load as zeros: they quantize to zero codes and scales,
+    # which is exactly the padding the outputs need.
+    x = tl.load(
+        x_ptr + rows[:, None] * stride_xm + cols[None, :],
+        mask=(rows[:, None] < M) & (cols[None, :] < N),
+        other=0.0,
+    ).to(tl.float32)
+    global_scale = tl.load(global_scale_ptr)
+
+    blocks = tl.reshape(x, (BLOCK_M, BLOCK_K // 16, 16))
+    amax = tl.max(tl.abs(blocks), axis=2)
+    scale = tl.minimum(amax * 0.16666666666666666 * global_scale, 448.0)
+    if SOFTWARE_E4M3:
+        scale_value, scale_code = _round_to_e4m3(scale)
+    else:
+        scale_fp8 = scale.to(tl.float8e4nv)
+        scale_value = scale_fp8.to(tl.float32)
+        scale_code = scale_fp8.to(tl.uint8, bitcast=True)
+    nonzero = scale_value > 0.0
+    # div_rn is IEEE division (plain `/` is approximate on NVIDIA); it takes operands of one shape.
+    numerator = tl.full((BLOCK_M, BLOCK_K // 16), 1.0, tl.float32) * global_scale
+    factor = tl.where(nonzero, tl.math.div_rn(numerator, tl.where(nonzero, scale_value, 1.0)), 0.0)
+
+    codes = _e2m1_codes(blocks * factor[:, :, None])
+    low, high = tl.split(tl.reshape(codes, (BLOCK_M, BLOCK_K // 2, 2)))
+    packed = (low | (high << 4)).to(tl.uint8)
+    byte_cols = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    tl.store(
+        packed_ptr + rows[:, None] * packed_cols + byte_cols[None, :],
+        packed,
+        mask=(rows[:, None] < M) & (byte_cols[None, :] < packed_cols),
+    )
+
+    scale_row = rows[:, None]
+    scale_col = pid_k * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)[None, :]
+    if SWIZZLED:
+        tile = (scale_row // 128) * (scale_cols // 4) + scale_col // 4
+        offsets = tile * 512 + (scale_row % 32) * 16 + ((scale_row // 32) % 4) * 4 + scale_col % 4
+    else:
+        offsets = scale_row * scale_cols + scale_col
+    tl.store(
+        scales_ptr + offsets,
+        scale_code.to(tl.uint8),
+        mask=(scale_row < scale_rows) & (scale_col < scale_cols),
+    )
+
+
+@dataclass(frozen=True)
+class TileShape:
+    """Elements of x one program quantizes (BLOCK_M rows x BLOCK_K columns) and its warp count."""
+
+    block_m: int
+    block_k: int
+    num_warps: int
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_k", "num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"TileShape.{name} must be a power of 2, got {value}")
+        if self.block_k < BLOCK_SIZE:
+            raise ValueError(f"TileShape.block_k must be >= {BLOCK_SIZE}, got {self.block_k}")
+
+
+def default_tile(rows: int, cols: int, sm_count: int = 132) -> TileShape:
+    """Up to 32 x 256 elements per program (16-byte loads, 32 values per thread at 8 warps), shrinking
+    the rows per program until there are about 4 programs per SM, so small M still fills the GPU."""
+    block_k = min(256, max(BLOCK_SIZE, triton.next_power_of_2(cols)))
+    k_tiles = triton.cdiv(cols, block_k)
+    block_m = 32
+    while block_m > 1 and triton.cdiv(rows, block_m) * k_tiles < 4 * sm_count:
+        block_m //= 2
+    num_warps = min(8, max(1, block_m * block_k // 256))
+    return TileShape(block_m, block_k, num_warps)
+
+
+def launch_nvfp4_quant(
+    x: torch.Tensor,
+    global_scale: torch.Tensor,
+    padded_n: int | None = None,
+    scale_layout: str = "linear",
+    tile: TileShape | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the Triton kernel (on CUDA, or on the CPU under TRITON_INTERPRET=1). Inputs are validated."""
+    _validate(x, global_scale, padded_n, scale_layout)
+    require_triton(OP)
+    m, n = x.shape
+    width = n if padded_n is None else padded_n
+    packed = torch.empty((m, width // 2), dtype=torch.uint8, device=x.device)
+    scales = torch.empty(scale_shape(m, width, scale_layout), dtype=torch.float8_e4m3fn, device=x.device)
+    scale_rows, scale_cols = scales.shape
+    if scale_rows == 0:
+        return packed, scales
+    # Programs cover every row and column either output has, so they also write all of the zeros.
+    cols = scale_cols * BLOCK_SIZE
+    if tile is None:
+        sm_count = 132 if interpreting() else torch.cuda.get_device_properties(x.device).multi_processor_count
+        tile = default_tile(scale_rows, cols, sm_count)
+    k_tiles = triton.cdiv(cols, tile.block_k)
+    grid = (triton.cdiv(scale_rows, tile.block_m) * k_tiles,)
+    _nvfp4_quant_kernel[grid](
+        x,
+        global_scale,
+        packed,
+        scales.view(torch.uint8),
+        m,
+        n,
+        x.stride(0),
+        width // 2,
+        scale_rows,
+        scale_cols,
+        k_tiles,
+        SWIZZLED=scale_layout == "swizzled",
+        SOFTWARE_E4M3=interpreting(),
+        BLOCK_M=tile.block_m,
+        BLOCK_K=tile.block_k,
+        num_warps=tile.num_warps,
+        # Bit-identity with the reference: no multiply-add contraction into FMAs.
+        enable_fp_fusion=False,
+    )
+    return packed, scales
+
+
+# ---------------------------------------------------------------------------------------------
+# The op
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(op_name(OP), mutates_args=(), device_types="cuda", schema=SCHEMA)
+def nvfp4_quant(
+    x: torch.Tensor, global_scale: torch.Tensor, padded_n: int | None = None, scale_layout: str = "linear"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return launch_nvfp4_quant(x, global_scale, padded_n, scale_layout)
+
+
+@nvfp4_quant.register_kernel("cpu")
+def _nvfp4_quant_cpu(x, global_scale, padded_n=None, scale_layout="linear"):
+    _validate(x, global_scale, padded_n, scale_layout)
+    return reference_nvfp4_quant(x, global_scale, padded_n, scale_layout)
+
+
+@nvfp4_quant.register_fake
+def _nvfp4_quant_fake(x, global_scale, padded_n=None, scale_layout="linear"):
+    _validate(x, global_scale, padded_n, scale_layout)
+    m, n = x.shape
+    width = n if padded_n is None else padded_n
+    packed = x.new_empty((m, width // 2), dtype=torch.uint8)
+    scales = x.new_empty(scale_shape(m, width, scale_layout), dtype=torch.float8_e4m3fn)
+    return packed, scales
+
+
+@opcheck_samples(nvfp4_quant)
+def _nvfp4_quant_samples() -> Iterator[OpSample]:
+    g = torch.Generator().manual_seed(0)
+    for (m, n, padded_n), layout, dtype in (
+        ((1, 16, None), "linear", torch.bfloat16),
+        ((5, 48, 64), "swizzled", torch.float16),
+        ((33, 80, 96), "linear", torch.bfloat16),
+        ((130, 32, None), "swizzled", torch.bfloat16),
+    ):
+        x = (torch.randn(m, n, generator=g) * 3).to(dtype)
+        global_scale = (E4M3_MAX * E2M1_MAX / x.float().abs().amax()).reshape(1)
+        yield OpSample((x, global_scale, padded_n, layout), {}, name=f"{m}x{n}->{padded_n}-{layout}-{dtype}")

@@ -1,0 +1,221 @@
+"""NVFP4 quantization that writes the K padding itself, against quantizing and then padding, on one GPU.
+
+    python scripts/bench_nvfp4_quant.py [--quick] [--out DIR] [--layout swizzled|linear] [--tile BM,BK,WARPS]
+
+For M in {16, 128, 1024, 8192} and N in {7152, 7168, 14336} (bf16 input, padded_n = round_up(N, 32)):
+    quant      ``fusionpasses.nvfp4_quant(x, gs)``, unpadded
+    padded     ``fusionpasses.nvfp4_quant(x, gs, padded_n)``: the kernel writes the zero padding
+    quant+pad  the unpadded quant, then ``F.pad`` of the packed values (and of linear scales): what a model
+               does without the fold. FlashInfer's ``fp4_quantize`` gives wrong output on Hopper, so the
+               quant here is ours. Where N is already a multiple of 32 there is nothing to pad.
+    copy       ``x.clone()``, a device copy of the input
+Targets: padded <= 1.05x quant; quant+pad >= 2x padded where N needs padding; padded's achieved bandwidth
+(bytes read + written) >= 75% of the copy's at M >= 1024.
+
+Timing: a CUDA graph holding one call per rotating input (the inputs together exceed twice the L2 cache,
+so each call reads from DRAM; the graph takes the launch overhead out), replayed after warm-up; the
+median over replays, per call. Writes bench_nvfp4_quant.json and .png to --out (default $OUT, else
+./bench_out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import fusionpasses.kernels  # noqa: F401  (registers the ops)
+from fusionpasses.kernels.nvfp4_quant import TileShape, launch_nvfp4_quant, scale_shape
+
+M_VALUES = (16, 128, 1024, 8192)
+N_VALUES = (7152, 7168, 14336)
+QUICK_M = (128, 8192)
+QUICK_N = (7152,)
+
+
+def round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+def time_per_call_us(call: Callable[[int], Any], n_inputs: int, replays: int) -> float:
+    """Median microseconds per call of ``call(i)`` for i over the rotating inputs, replayed as a CUDA graph."""
+    for i in range(n_inputs):  # compiles the kernels and warms the allocator outside the capture
+        call(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(n_inputs):
+            call(i)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1000.0 / n_inputs)
+    del graph
+    return statistics.median(samples)
+
+
+def measure(m: int, n: int, layout: str, tile: TileShape | None, replays: int) -> dict[str, Any]:
+    padded_n = round_up(n, 32)
+    input_bytes = m * n * 2
+    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
+    n_inputs = max(2, min(512, math.ceil(2 * l2_bytes / input_bytes)))
+    xs = [torch.randn(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(n_inputs)]
+    gs = (448.0 * 6.0 / xs[0].float().abs().amax()).reshape(1)
+
+    def quant(i: int, width: int | None):
+        return launch_nvfp4_quant(xs[i], gs, width, layout, tile)
+
+    def quant_then_pad(i: int):
+        packed, scales = quant(i, None)
+        packed = F.pad(packed, (0, (padded_n - n) // 2))
+        if layout == "linear":
+            scales = F.pad(scales.view(torch.uint8), (0, (padded_n - n) // 16)).view(torch.float8_e4m3fn)
+        return packed, scales
+
+    times = {
+        "quant_us": time_per_call_us(lambda i: quant(i, None), n_inputs, replays),
+        "padded_us": time_per_call_us(lambda i: quant(i, padded_n), n_inputs, replays),
+        "copy_us": time_per_call_us(lambda i: xs[i].clone(), n_inputs, replays),
+    }
+    needs_pad = padded_n != n
+    times["quant_pad_us"] = time_per_call_us(quant_then_pad, n_inputs, replays) if needs_pad else None
+
+    rows, cols = scale_shape(m, padded_n, layout)
+    padded_bytes = input_bytes + m * padded_n // 2 + rows * cols
+    padded_gbps = padded_bytes / times["padded_us"] / 1e3
+    copy_gbps = 2 * input_bytes / times["copy_us"] / 1e3
+    return {
+        "M": m,
+        "N": n,
+        "padded_n": padded_n,
+        "layout": layout,
+        "inputs_rotated": n_inputs,
+        **times,
+        "padding_overhead": times["padded_us"] / times["quant_us"],
+        "speedup_vs_quant_pad": times["quant_pad_us"] / times["padded_us"] if needs_pad else None,
+        "padded_gbps": padded_gbps,
+        "copy_gbps": copy_gbps,
+        "fraction_of_copy": padded_gbps / copy_gbps,
+    }
+
+
+def header(layout: str, tile: TileShape | None) -> str:
+    name = torch.cuda.get_device_name(0)
+    today = datetime.date.today().isoformat()
+    tile_text = "default tile" if tile is None else f"tile {tile.block_m}x{tile.block_k}, {tile.num_warps} warps"
+    return (f"nvfp4_quant on {name} | torch {torch.__version__} | triton {triton.__version__} | {today} | "
+            f"bf16 input, {layout} scales, padded_n = round_up(N, 32), {tile_text}")
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    columns = ("M", "N", "pad_n", "quant us", "padded us", "padded/quant", "quant+pad us", "(q+pad)/padded",
+               "padded GB/s", "copy GB/s", "of copy")
+    lines = [" | ".join(f"{c:>14}" for c in columns)]
+    for r in rows:
+        quant_pad = "-" if r["quant_pad_us"] is None else f"{r['quant_pad_us']:.2f}"
+        speedup = "no pad needed" if r["speedup_vs_quant_pad"] is None else f"{r['speedup_vs_quant_pad']:.2f}x"
+        cells = (r["M"], r["N"], r["padded_n"], f"{r['quant_us']:.2f}", f"{r['padded_us']:.2f}",
+                 f"{r['padding_overhead']:.3f}x", quant_pad, speedup, f"{r['padded_gbps']:.0f}",
+                 f"{r['copy_gbps']:.0f}", f"{100 * r['fraction_of_copy']:.0f}%")
+        lines.append(" | ".join(f"{c!s:>14}" for c in cells))
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict[str, Any]]) -> list[str]:
+    overhead = max(r["padding_overhead"] for r in rows)
+    speedups = [r["speedup_vs_quant_pad"] for r in rows if r["speedup_vs_quant_pad"] is not None]
+    large = [r["fraction_of_copy"] for r in rows if r["M"] >= 1024]
+    lines = [f"padding overhead: worst {overhead:.3f}x (target <= 1.05x): {'met' if overhead <= 1.05 else 'MISSED'}"]
+    if speedups:
+        worst = min(speedups)
+        lines.append(f"vs quant + pad copy: worst {worst:.2f}x (target >= 2x): {'met' if worst >= 2 else 'MISSED'}")
+    if large:
+        worst = min(large)
+        lines.append(f"bandwidth at M >= 1024: worst {100 * worst:.0f}% of copy (target >= 75%): "
+                     f"{'met' if worst >= 0.75 else 'MISSED'}")
+    return lines
+
+
+def plot(rows: list[dict[str, Any]], title: str, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    labels = [f"{r['M']}x{r['N']}" for r in rows]
+    xs = range(len(rows))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    speedups = [r["speedup_vs_quant_pad"] or 0.0 for r in rows]
+    axes[0].bar([x - 0.2 for x in xs], [r["padding_overhead"] for r in rows], 0.4, label="padded / quant")
+    axes[0].bar([x + 0.2 for x in xs], speedups, 0.4, label="(quant + pad) / padded")
+    axes[0].axhline(2.0, color="gray", linestyle="--", linewidth=0.8)
+    axes[0].set_ylabel("time ratio")
+    axes[0].legend()
+    axes[1].bar(xs, [100 * r["fraction_of_copy"] for r in rows])
+    axes[1].axhline(75, color="gray", linestyle="--", linewidth=0.8)
+    axes[1].set_ylabel("padded quant bandwidth, % of device copy")
+    for ax in axes:
+        ax.set_xticks(list(xs), labels, rotation=45, ha="right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_tile(text: str | None) -> TileShape | None:
+    if text is None:
+        return None
+    block_m, block_k, num_warps = (int(v) for v in text.split(","))
+    return TileShape(block_m, block_k, num_warps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="two M, one N, fewer replays (about 20 s)")
+    parser.add_argument("--out", default=os.environ.get("OUT") or "./bench_out")
+    parser.add_argument("--layout", choices=("swizzled", "linear"), default="swizzled")
+    parser.add_argument("--tile", help="BLOCK_M,BLOCK_K,NUM_WARPS instead of the kernel's default tile")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_nvfp4_quant needs a CUDA GPU")
+
+    tile = parse_tile(args.tile)
+    m_values, n_values = (QUICK_M, QUICK_N) if args.quick else (M_VALUES, N_VALUES)
+    replays = 10 if args.quick else 30
+    rows = [measure(m, n, args.layout, tile, replays) for n in n_values for m in m_values]
+
+    title = header(args.layout, tile)
+    print(title)
+    print(format_table(rows))
+    for line in summary(rows):
+        print(line)
+
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "bench_nvfp4_quant.json")
+    with open(json_path, "w") as f:
+        json.dump({"title": title, "rows": rows, "summary": summary(rows)}, f, indent=2)
+    plot(rows, title, os.path.join(args.out, "bench_nvfp4_quant.png"))
+    print(f"wrote {json_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Block-scaled FP8 GEMM: the Triton kernel in the CPU interpreter, the ops, and the cond dispatch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from unittest import mock
+
+import pytest
+import torch
+import torch._dynamo.testing
+import triton
+
+from fusionpasses.kernels import block_fp8_gemm as bf
+from fusionpasses.kernels.library import KernelInputError
+
+# The issue's M list: aligned, unaligned, 1, and both sides of tile and alignment boundaries.
+ISSUE_MS = (1, 2, 3, 4, 5, 127, 128, 129, 4095, 4096)
+
+
+def exact_operands(M: int, N: int, K: int, scale_row_stride: int | None = None, seed: int = 0):
+    """Small-integer fp8 values and power-of-two scales: every product and sum is exact in fp32 in any
+    order, so kernel and reference reach the same fp32 value and round it to float16 the same way."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randint(-2, 3, (M, K), generator=g).float().to(torch.float8_e4m3fn)
+    B = torch.randint(-2, 3, (N, K), generator=g).float().to(torch.float8_e4m3fn)
+    stride = M if scale_row_stride is None else scale_row_stride
+    A_scale_t = torch.zeros(K // 128, stride)[:, :M]
+    A_scale_t.copy_(2.0 ** torch.randint(-3, 1, (K // 128, M), generator=g).float())
+    B_scale = 2.0 ** torch.randint(-3, 1, (-(-N // 128), K // 128), generator=g).float()
+    return A, B, A_scale_t, B_scale
+
+
+def random_operands(M: int, N: int, K: int, scale_row_stride: int | None = None, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    A, A_scale_t = bf.quantize_activation_blockwise(torch.randn(M, K, generator=g), scale_row_stride)
+    B, B_scale = bf.quantize_weight_blockwise(torch.randn(N, K, generator=g))
+    return A, B, A_scale_t, B_scale
+
+
+def config(block_m: int, block_n: int, group_m: int = 8, split_k: int = 1) -> dict[str, int]:
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": group_m, "SPLIT_K": split_k, "num_warps": 4,
+            "num_stages": 2}
+
+
+# (M, N, K, scale row stride, tile config): M of 1 and odd M through padded scale rows, N not a
+# multiple of the tile, several K groups, every tile shape the heuristic can pick, grouped order,
+# split-K with splits of unequal length.
+KERNEL_CASES = [
+    pytest.param(1, 8, 128, 4, None, id="M1-N8-rowpad"),
+    pytest.param(3, 200, 256, 4, config(64, 64), id="M3-N200-64x64"),
+    pytest.param(4, 16, 128, None, None, id="M4-N16"),
+    pytest.param(65, 72, 384, 68, config(128, 64), id="M65-N72-128x64"),
+    pytest.param(130, 136, 256, 132, config(128, 128, group_m=2), id="M130-N136-128x128-group2"),
+    pytest.param(200, 264, 128, None, config(64, 128, group_m=2), id="M200-N264-64x128-group2"),
+    pytest.param(5, 72, 640, 8, config(64, 64, split_k=2), id="M5-N72-K640-split2"),
+    pytest.param(68, 136, 1024, None, config(128, 64, split_k=4), id="M68-N136-K1024-split4"),
+]
+
+
+@pytest.mark.parametrize("M,N,K,row_stride,cfg", KERNEL_CASES)
+def test_kernel_matches_reference_bit_for_bit(M, N, K, row_stride, cfg):
+    A, B, A_scale_t, B_scale = exact_operands(M, N, K, row_stride)
+    out = torch.full((M, N), float("nan"), dtype=torch.float16)
+    bf.launch_block_fp8_mm(A, B, A_scale_t, B_scale, out, cfg)
+    assert torch.equal(out, bf.reference_block_fp8_mm(A, B, A_scale_t, B_scale, torch.float16))
+
+
+@pytest.mark.parametrize("M,N,K,row_stride", [(5, 136, 256, 8), (129, 64, 384, 132), (64, 128, 128, None)])
+def test_kernel_bf16_random_within_one_ulp(M, N, K, row_stride):
+    A, B, A_scale_t, B_scale = random_operands(M, N, K, row_stride)
+    out = torch.empty(M, N, dtype=torch.bfloat16)
+    bf.launch_block_fp8_mm(A, B, A_scale_t, B_scale, out)
+    ref = bf.reference_block_fp8_mm(A, B, A_scale_t, B_scale, torch.bfloat16)
+    # The interpreter truncates fp32 -> bf16 where the GPU rounds to nearest: allow one bf16 ulp.
+    torch.testing.assert_close(out, ref, rtol=2**-7, atol=1e-3)
+
+
+def test_launch_config_fills_the_gpu_before_growing_tiles():
+    decode = bf.launch_config(1, 2048, 7168, 132)
+    assert (decode["BLOCK_M"], decode["BLOCK_N"], decode["SPLIT_K"]) == (64, 64, 4)  # 32 tiles x 4 splits
+    assert bf.launch_config(128, 2048, 7168, 132)["BLOCK_N"] == 64  # 16 tiles of 128x128 would idle 116 SMs
+    assert bf.launch_config(1, 7168, 2048, 132)["SPLIT_K"] == 1  # 112 tiles already fill the GPU
+    assert bf.launch_config(1, 256, 512, 132)["SPLIT_K"] == 1  # 4 K groups: nothing to split
+    large = bf.launch_config(16384, 18432, 7168, 132)
+    assert (large["BLOCK_M"], large["BLOCK_N"], large["SPLIT_K"], large["num_warps"]) == (128, 128, 1, 8)
+
+
+def test_quantizers_round_trip():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 256, generator=g)
+    w = torch.randn(200, 256, generator=g)
+    A, A_scale_t = bf.quantize_activation_blockwise(x, scale_row_stride=8)
+    B, B_scale = bf.quantize_weight_blockwise(w)
+    assert A_scale_t.shape == (2, 6) and A_scale_t.stride() == (8, 1)
+    assert B_scale.shape == (2, 2)
+    x_back = (A.float().reshape(6, 2, 128) * A_scale_t.t()[:, :, None]).reshape(6, 256)
+    w_back = B.float().reshape(200, 2, 128) * B_scale.repeat_interleave(128, 0)[:200, :, None]
+    torch.testing.assert_close(x_back, x, rtol=0.07, atol=1e-3)
+    torch.testing.assert_close(w_back.reshape(200, 256), w, rtol=0.07, atol=5e-3)
+
+
+# ---- ops on CPU (reference kernels) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("M", [0, 4, 8])
+def test_direct_op_matches_reference(M):
+    A, B, A_scale_t, B_scale = exact_operands(M, 24, 256)
+    out = torch.ops.fusionpasses.block_fp8_mm(A, B, A_scale_t, B_scale, torch.bfloat16)
+    assert out.shape == (M, 24) and out.dtype == torch.bfloat16
+    assert torch.equal(out, bf.reference_block_fp8_mm(A, B, A_scale_t, B_scale, torch.bfloat16))
+
+
+@pytest.mark.parametrize("M", [1, 5, 8])
+def test_padded_op_matches_reference(M):
+    A, B, A_scale_t, B_scale = exact_operands(M, 24, 256)
+    out = torch.ops.fusionpasses.block_fp8_mm_padded(A, B, A_scale_t, B_scale, torch.bfloat16)
+    assert torch.equal(out, bf.reference_block_fp8_mm(A, B, A_scale_t, B_scale, torch.bfloat16))
+
+
+def _spy_on_reference():
+    """Records, for every GEMM the ops run, its M and whether A is the caller's tensor (not a padded copy)."""
+    calls: list[tuple[int, bool]] = []
+    caller_ptr = [0]
+    reference = bf.reference_block_fp8_mm
+
+    def spy(A, *args):
+        calls.append((A.shape[0], A.data_ptr() == caller_ptr[0]))
+        return reference(A, *args)
+
+    return mock.patch.object(bf, "reference_block_fp8_mm", spy), calls, caller_ptr
+
+
+@pytest.mark.parametrize("M,direct", [(3, False), (4, True), (0, True)])
+def test_any_m_eager_pads_only_when_unaligned(M, direct):
+    A, B, A_scale_t, B_scale = exact_operands(M, 16, 128)
+    patch, calls, caller_ptr = _spy_on_reference()
+    caller_ptr[0] = A.data_ptr()
+    with patch:
+        out = bf.block_fp8_mm_any_m(A, B, A_scale_t, B_scale)
+    assert calls == [(M + (-M) % 4, direct)]
+    assert torch.equal(out, bf.reference_block_fp8_mm(A, B, A_scale_t, B_scale, torch.bfloat16))
+
+
+def test_any_m_compiles_once_for_every_m_with_both_branches():
+    B, B_scale = exact_operands(4, 40, 128, seed=1)[1::2]
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(bf.block_fp8_mm_any_m, backend=counter, fullgraph=True)
+    patch, calls, caller_ptr = _spy_on_reference()
+    with patch:
+        for M in ISSUE_MS:
+            A, _, A_scale_t, _ = exact_operands(M, 40, 128, seed=M)
+            # Unbacked: no 0/1 specialization, so M = 1 shares the graph too.
+            torch._dynamo.decorators.mark_unbacked(A, 0)
+            torch._dynamo.decorators.mark_unbacked(A_scale_t, 1)
+            calls.clear()
+            caller_ptr[0] = A.data_ptr()
+            out = compiled(A, B, A_scale_t, B_scale)
+            aligned = M % 4 == 0
+            assert calls == [(M + (-M) % 4, aligned)], f"M={M}: {'direct' if aligned else 'padded'} branch expected"
+            eager = bf.block_fp8_mm_any_m(A, B, A_scale_t, B_scale)
+            reference = bf.reference_block_fp8_mm(A, B, A_scale_t, B_scale, torch.bfloat16)
+            assert torch.equal(out, eager) and torch.equal(out, reference), f"M={M}"
+    assert counter.frame_count == 1
+
+
+# ---- validation ------------------------------------------------------------------------------
+
+
+def _invalid_inputs():
+    A, B, A_scale_t, B_scale = exact_operands(4, 16, 256)
+    unaligned = exact_operands(5, 16, 256)
+    cases = [
+        ("multiple of 4", (unaligned[0], B, unaligned[2], B_scale), "block_fp8_mm"),
+        ("M-major", (A, B, A_scale_t.t().contiguous().t(), B_scale), "block_fp8_mm"),
+        ("float8_e4m3fn", (A.float(), B, A_scale_t, B_scale), "block_fp8_mm"),
+        ("K differs", (A, B[:, :128].contiguous(), A_scale_t, B_scale), "block_fp8_mm_padded"),
+        ("multiple of 128", (A[:, :64].contiguous(), B[:, :64].contiguous(), A_scale_t[:1], B_scale[:, :1]), "block_fp8_mm"),
+        ("multiple of 8", (A, B[:12].contiguous(), A_scale_t, B_scale), "block_fp8_mm"),
+        ("B_scale must have shape", (A, B, A_scale_t, B_scale[:, :1].contiguous()), "block_fp8_mm_padded"),
+        ("A_scale_t must have shape", (A, B, A_scale_t[:, :3], B_scale), "block_fp8_mm_padded"),
+    ]
+    return [pytest.param(message, args, op, id=message.replace(" ", "-")) for message, args, op in cases]
+
+
+@pytest.mark.parametrize("message,args,op", _invalid_inputs())
+def test_invalid_inputs_are_rejected_with_the_argument_named(message, args, op):
+    with pytest.raises(KernelInputError, match=message):
+        getattr(torch.ops.fusionpasses, op)(*args, torch.bfloat16)
+
+
+def test_direct_op_accepts_any_m_with_aligned_scale_rows():
+    A, B, A_scale_t, B_scale = exact_operands(5, 16, 256, scale_row_stride=8)
+    out = torch.ops.fusionpasses.block_fp8_mm(A, B, A_scale_t, B_scale, torch.float16)
+    assert torch.equal(out, bf.reference_block_fp8_mm(A, B, A_scale_t, B_scale, torch.float16))
+
+
+# ---- the GPU compile, checked without a GPU --------------------------------------------------
+
+
+# Runs in a fresh process: this one has the interpreter on (TRITON_INTERPRET=1), the compiler needs it off.
+_COMPILE_FOR_SM90 = """
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fusionpasses.kernels import block_fp8_gemm as bf
+
+results = {}
+# Every tile shape unsplit, and split-K on the tiles the launcher pairs it with (few tiles: small M).
+for block_m, block_n, split_k in [(64, 64, 1), (64, 128, 1), (128, 64, 1), (128, 128, 1), (64, 64, 4), (128, 64, 4)]:
+    out = f"tensordesc<bf16[{block_m}, {block_n}]>" if split_k == 1 else f"tensordesc<fp32[1, {block_m}, {block_n}]>"
+    signature = {
+        "a_desc": f"tensordesc<fp8e4nv[{block_m}, 128]>", "b_desc": f"tensordesc<fp8e4nv[{block_n}, 128]>",
+        "a_scale_desc": f"tensordesc<fp32[1, {block_m}]>", "b_scale_ptr": "*fp32", "c_desc": out,
+        "M": "i32", "N": "i32", "K": "i32",
+        **dict.fromkeys(("BLOCK_M", "BLOCK_N", "GROUP_M", "SPLIT_K"), "constexpr"),
+    }
+    constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": 8, "SPLIT_K": split_k}
+    compiled = triton.compile(
+        ASTSource(fn=bf._block_fp8_mm_kernel, signature=signature, constexprs=constexprs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": 8 if block_m * block_n >= 128 * 128 else 4, "num_stages": 4},
+    )
+    ptx = compiled.asm["ptx"]
+    results[f"{block_m}x{block_n}/split{split_k}"] = {
+        "tma": "cp.async.bulk.tensor" in ptx, "fp8_wgmma": "wgmma.mma_async" in ptx and "e4m3.e4m3" in ptx,
+        "shared": compiled.metadata.shared,
+    }
+print(json.dumps(results))
+"""
+
+
+def test_kernel_compiles_for_hopper():
+    """Triton compiles the kernel for sm90 ahead of time, no device needed: the tile shapes and splits
+    the launcher picks lower to TMA loads and fp8 wgmma within the shared memory."""
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_SM90],
+        env=env,
+        cwd=tempfile.gettempdir(),  # the checkout on sys.path[0] would shadow the installed package
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(results) == 6
+    for name, result in results.items():
+        assert result["tma"] and result["fp8_wgmma"], f"{name}: {result}"
+        assert result["shared"] <= 227 * 1024, f"{name}: {result}"
