@@ -464,10 +464,12 @@ def _cudnn_attention(
             state.failed_shapes[shape_key] = f"{chosen} output, graph {shape_key}: {_error_text(e)}"
             raise CudnnFP8Unavailable(state.failed_shapes[shape_key]) from e
     else:
-        # First call for this head size: the requested dtype if cuDNN builds it here, else FP8
-        # (Hopper's FP8 SDPA may only write FP8). The first that builds is kept for good.
+        # First call for this head size: the first output dtype cuDNN builds is kept for good.
+        # Measured on H200 (cuDNN 9.19, FlashInfer 0.7.0): Hopper builds FP8 SDPA forward only with
+        # FP8 output (bf16/fp16 output is Blackwell-only), and FlashInfer's graph cache has no output
+        # dtype in its key, so a refused bf16 attempt would poison the FP8 one: on sm9x, FP8 goes first.
         failures = []
-        for candidate in dict.fromkeys((out_dtype, FP8_DTYPE)):
+        for candidate in _output_dtype_order(inputs.q.device, out_dtype):
             try:
                 out = _cudnn_call(prefill, candidate, *args)
             except Exception as e:  # noqa: BLE001 - cuDNN refuses graphs with several exception types
@@ -486,6 +488,11 @@ def _cudnn_attention(
             raise CudnnFP8Unavailable(state.failed_shapes[shape_key])
     state.last_path = f"cudnn ({str(chosen).removeprefix('torch.')} output)"
     return _unpad_output(out, chosen, inputs.v_scale, inputs.head_dim, out_dtype)
+
+
+def _output_dtype_order(device: torch.device, out_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    return tuple(dict.fromkeys((FP8_DTYPE, out_dtype) if hopper else (out_dtype, FP8_DTYPE)))
 
 
 def _cudnn_shape_reason(q: torch.Tensor) -> str | None:

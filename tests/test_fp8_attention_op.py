@@ -405,3 +405,13 @@ def test_sequence_length_gate():
 def test_padded_head_dim_of_common_vit_sizes():
     assert [padded_head_dim(d) for d in (64, 72, 80, 88, 128)] == [64, 80, 80, 96, 128]
     assert math.isclose(fa.default_softmax_scale(72, None), 72**-0.5)
+
+
+def test_hopper_tries_fp8_output_first(monkeypatch):
+    # cuDNN 9.19 builds FP8 SDPA on sm90 only with FP8 output, and FlashInfer's graph cache would
+    # reuse a refused bf16 graph for the FP8 attempt: the order must put FP8 first there only.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fa._output_dtype_order(torch.device("cuda", 0), torch.bfloat16) == (torch.float8_e4m3fn, torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    assert fa._output_dtype_order(torch.device("cuda", 0), torch.bfloat16) == (torch.bfloat16, torch.float8_e4m3fn)
+    assert fa._output_dtype_order(torch.device("cpu"), torch.float16) == (torch.float16, torch.float8_e4m3fn)
