@@ -19,6 +19,7 @@ import torch.utils._pytree as pytree
 
 import fusionpasses.kernels  # noqa: F401
 from fusionpasses.kernels.library import registered_opcheck_samples
+from fusionpasses.symm_mem import setup_symm_mem
 
 
 def main() -> int:
@@ -29,6 +30,7 @@ def main() -> int:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    setup_symm_mem(dist.group.WORLD)
     failed = 0
     for name, op, samples in registered_opcheck_samples():
         if wanted and name not in wanted:
