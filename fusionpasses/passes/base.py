@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import logging
 import time
 from typing import ClassVar
@@ -12,7 +13,7 @@ from ..config import FusionConfig
 from ..inspection import PassRun, PassStats, snapshot, write_dump
 
 
-class FusionPass:
+class FusionPass(abc.ABC):
     """Base of every pass. Subclasses set ``name`` and implement :meth:`run`.
 
     A pass is called once per graph Inductor compiles: the forward and the backward graph and every
@@ -31,8 +32,9 @@ class FusionPass:
         self._graph_index = 0
 
     # -- what subclasses implement ----------------------------------------------------------
+    @abc.abstractmethod
     def run(self, graph: fx.Graph) -> None:
-        raise NotImplementedError(f"{type(self).__name__} must implement run(graph)")
+        """Rewrite ``graph`` in place: fuse what is provably safe, decline the rest with a reason."""
 
     def disabled_reason(self) -> str | None:
         """Why this pass must not run at all under its config (None when it may run)."""
