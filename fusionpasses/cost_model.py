@@ -5,17 +5,18 @@ Unfused, the collective and the GEMM run back to back:
     t_unfused = t_gemm(M) + moved_bytes / collective_rate + latency
 
 Fused, the GEMM runs in ws row chunks overlapped with peer copies. Chunking changes the GEMM's own
-speed (cuBLAS picks other kernels for M / ws rows: slower for _scaled_mm, sometimes faster for
-FlashInfer's cuBLASLt heuristic), and the pipeline is issued from Python, so small problems are bound
-by host time:
+speed (cuBLAS picks other kernels for M / ws rows), copies compete with it for memory bandwidth, and
+the pipeline is issued from Python, so small problems are bound by host time:
 
     t_fused = max(t_host, a[kind, side] * t_gemm(M) + b[kind, side], moved_bytes / link_rate + t_gemm(M) / ws)
 
-The constants were fitted to scripts/bench_async_tp.py on 2x H200 (torch 2.11, NVLink, multicast off,
-2026-11-22; docs/benchmarks.md): (a, b) is a line through fused time against GEMM-alone time over the
-grid's shapes with GEMMs >= 0.15 ms, with b raised toward the 90th percentile of the residuals so that
-mid-size shapes, where chunked cuBLAS kernels vary most, are not overrated; t_host is the smallest
-fused time. ``FusionConfig.async_tp_min_speedup`` adds a margin for run-to-run noise.
+The constants were fitted by scripts/fit_async_tp_cost_model.py to scripts/bench_async_tp.py on 2x H200
+(torch 2.11, NVLink, multicast off, 2026-11-22; docs/benchmarks.md), each GEMM kind on the pipeline
+schedule it uses (kernels/_symm_mem_pipeline.py): (a, b) is a line through fused time against
+GEMM-alone time over the grid's shapes with GEMMs >= 0.15 ms, with b raised to the 90th percentile of
+the residuals so that mid-size shapes, where chunked cuBLAS kernels vary most, are not overrated;
+t_host is the smallest fused time. ``FusionConfig.async_tp_min_speedup`` adds a margin for
+run-to-run noise. Re-fit on other hardware with the same two scripts.
 """
 
 from __future__ import annotations
@@ -52,12 +53,12 @@ HOPPER = GpuProfile(
     collective_gbps=200.0,
     collective_latency_us=15.0,
     link_gbps=300.0,
-    host_us=250.0,
+    host_us=210.0,
     call_us={"mm": 8.0, "scaled_mm": 10.0, "bmm_fp8": 12.0},
     chunked={
-        ("bmm_fp8", "ag"): (0.61, 420.0), ("bmm_fp8", "rs"): (0.81, 245.0),
-        ("scaled_mm", "ag"): (1.04, 140.0), ("scaled_mm", "rs"): (1.11, 140.0),
-        ("mm", "ag"): (1.03, 100.0), ("mm", "rs"): (1.09, 80.0),
+        ("bmm_fp8", "ag"): (0.97, 255.0), ("bmm_fp8", "rs"): (1.05, 203.0),
+        ("scaled_mm", "ag"): (1.08, 129.0), ("scaled_mm", "rs"): (1.10, 145.0),
+        ("mm", "ag"): (1.03, 122.0), ("mm", "rs"): (1.08, 102.0),
     },
 )
 

@@ -59,7 +59,7 @@ def all_gather_gemm(
     use_fast_accum: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _validate(shard, B, A_scale, B_scale, gemm, out_dtype, world_size, group_name)
-    from ._symm_mem_pipeline import pipelined_all_gather
+    from ._symm_mem_pipeline import pipelined_all_gather, schedule_for
 
     m = shard.shape[0]
     gathered = shard.new_empty((m * world_size, shard.shape[1]))
@@ -72,7 +72,7 @@ def all_gather_gemm(
         scale = gemm_kinds.rows_of_scale(A_scale, rows.start, rows.stop)
         gemm_kinds.compute_into(gemm, chunk, B, scale, B_scale, out[rows], use_fast_accum)
 
-    pipelined_all_gather(shard, consume, gathered, group_name)
+    pipelined_all_gather(shard, consume, gathered, group_name, schedule_for(gemm))
     return gathered, out
 
 

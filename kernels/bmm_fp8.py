@@ -86,7 +86,9 @@ def _flashinfer():
 # it directly with FlashInfer's default heuristic tactic: the same kernel as the public API, untuned.
 USE_FAST_PATH = True
 _fast_runner: object | None = None
-_workspaces: dict[torch.device, torch.Tensor] = {}
+# One cuBLASLt workspace per stream: GEMMs running at once on two streams (the two-stream pipeline of
+# the fused collective ops) would otherwise overwrite each other's split-K partials.
+_workspaces: dict[tuple[torch.device, int], torch.Tensor] = {}
 _WORKSPACE_BYTES = 40 * 1024 * 1024  # what FlashInfer 0.7 allocates for bmm_fp8
 
 
@@ -102,15 +104,22 @@ def _cublas_runner():
     return _fast_runner or None
 
 
+def safe_on_concurrent_streams(backend: str = "cublas") -> bool:
+    """Whether GEMMs may run on two streams at once: only the fast path has a workspace per stream;
+    FlashInfer's public API shares one workspace per device between all streams."""
+    return USE_FAST_PATH and backend == "cublas" and _cublas_runner() is not None
+
+
 def bmm_fp8_into(
     A: torch.Tensor, B: torch.Tensor, A_scale: torch.Tensor, B_scale: torch.Tensor, out: torch.Tensor, backend: str = "cublas"
 ) -> None:
     """Unchecked launch of FlashInfer's FP8 GEMM into ``out`` (callers validate first)."""
     runner = _cublas_runner() if (USE_FAST_PATH and backend == "cublas") else None
     if runner is not None:
-        workspace = _workspaces.get(A.device)
+        key = (A.device, torch.cuda.current_stream(A.device).cuda_stream)
+        workspace = _workspaces.get(key)
         if workspace is None:
-            workspace = _workspaces[A.device] = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=A.device)
+            workspace = _workspaces[key] = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=A.device)
         runner.forward([A, B, A_scale, B_scale, out, workspace], tactic=-1)
     else:
         _flashinfer().bmm_fp8(A, B, A_scale, B_scale, out.dtype, out, backend=backend)

@@ -132,6 +132,17 @@ def compute_into(
         bmm_fp8_into(A.unsqueeze(0), B.unsqueeze(0), A_scale, B_scale, out.unsqueeze(0), backend)
 
 
+def safe_on_concurrent_streams(kind: str) -> bool:
+    """Whether two GEMMs of this kind may run at once on two streams of one device (torch gives each
+    stream its own cuBLAS workspace; FlashInfer's bmm_fp8 does only on our fast path)."""
+    kind, backend = split_kind(kind)
+    if kind != "bmm_fp8":
+        return True
+    from .bmm_fp8 import safe_on_concurrent_streams as bmm_fp8_safe
+
+    return bmm_fp8_safe(backend)
+
+
 def rows_of_scale(A_scale: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
     """The A scale that applies to rows [start, stop) of A (tensor-wise scales apply to all rows)."""
     if A_scale is None or not is_rowwise(A_scale):

@@ -53,7 +53,7 @@ def gemm_reduce_scatter(
     use_fast_accum: bool = False,
 ) -> torch.Tensor:
     _validate(A, B, A_scale, B_scale, gemm, out_dtype, reduce_op, world_size, group_name)
-    from ._symm_mem_pipeline import pipelined_reduce_scatter_rows
+    from ._symm_mem_pipeline import pipelined_reduce_scatter_rows, schedule_for
 
     m = A.shape[0] // world_size
     A = A.contiguous()
@@ -66,7 +66,7 @@ def gemm_reduce_scatter(
         scale = gemm_kinds.rows_of_scale(A_scale, rows.start, rows.stop)
         gemm_kinds.compute_into(gemm, A[rows], B, scale, B_scale, out, use_fast_accum)
 
-    pipelined_reduce_scatter_rows(produce, stacked, group_name)
+    pipelined_reduce_scatter_rows(produce, stacked, world_size, group_name, schedule_for(gemm))
     partials = stacked.view(world_size, m, B.shape[1])
     return partials.sum(dim=0) if reduce_op == "sum" else partials.mean(dim=0)
 

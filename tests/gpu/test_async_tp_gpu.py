@@ -169,3 +169,30 @@ def test_sequence_dim_gather_and_scatter_match_eager(nccl_group):
     assert got.shape == want.shape == (2, 128, 256)  # each rank keeps S / ws = 128 of the 256 tokens
     torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
     assert pm.pass_by_name("async_tp").stats.matched == 2
+
+
+@pytest.mark.parametrize("schedule", ["one_compute_stream", "two_streams"])
+@pytest.mark.parametrize("case,gemm", GEMMS)
+def test_pipeline_schedules_back_to_back(nccl_group, schedule, case, gemm):
+    """Both schedules, several fused calls queued without a host sync: each call refills the
+    SymmetricMemory workspace that peers of the previous call may still be reading. The large shape
+    makes cuBLASLt use its workspace, which GEMMs on two streams must not share."""
+    from fusionpasses.kernels._symm_mem_pipeline import force_schedule
+    from fusionpasses.kernels.all_gather_gemm import reference_all_gather_gemm
+    from fusionpasses.kernels.gemm_reduce_scatter import reference_gemm_reduce_scatter
+
+    ws, group = dist.get_world_size(), nccl_group.group_name
+    calls = []
+    with force_schedule(schedule):
+        for m_local, k, n in ((256, 512, 384), (96, 256, 640), (2048, 8192, 7168), (512, 512, 128)):
+            x = _inputs(case, m_local, k, n, nccl_group, scatter=False)
+            y = _inputs(case, m_local, k, n, nccl_group, scatter=True)
+            ag = torch.ops.fusionpasses.all_gather_gemm(x["A"], x["B"], x["A_scale"], x["B_scale"], gemm, x["out_dtype"], ws, group)
+            rs = torch.ops.fusionpasses.gemm_reduce_scatter(y["A"], y["B"], y["A_scale"], y["B_scale"], gemm, y["out_dtype"], "sum", ws, group)
+            calls.append((x, ag, y, rs))
+    for x, (gathered, out), y, rs in calls:
+        ref_gathered, ref_out = reference_all_gather_gemm(x["A"], x["B"], x["A_scale"], x["B_scale"], gemm, x["out_dtype"], ws, group)
+        assert torch.equal(gathered.view(torch.uint8), ref_gathered.view(torch.uint8))
+        torch.testing.assert_close(out.float(), ref_out.float(), rtol=2e-2, atol=2e-2)
+        want = reference_gemm_reduce_scatter(y["A"], y["B"], y["A_scale"], y["B_scale"], gemm, y["out_dtype"], "sum", ws, group)
+        torch.testing.assert_close(rs.float(), want.float(), rtol=2e-2, atol=2e-2)

@@ -1,0 +1,65 @@
+"""Fit AsyncTP's cost model (fusionpasses/cost_model.py) to a scripts/bench_async_tp.py run.
+
+    python scripts/fit_async_tp_cost_model.py bench_out/bench_async_tp.json
+
+Per (GEMM kind, side): a least-squares line through fused time against GEMM-alone time over the shapes
+whose GEMM takes >= 0.15 ms, with the intercept raised to the 90th percentile of the residuals, so
+that shapes where chunked cuBLAS kernels vary most are not overrated. The host floor is the smallest
+fused time. Prints the constants for ``GpuProfile.chunked`` / ``host_us`` and how the refitted model
+would gate every measured shape (``--min-speedup``, as ``FusionConfig.async_tp_min_speedup``).
+Runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+
+from fusionpasses.cost_model import HOPPER, estimate
+
+MIN_GEMM_MS = 0.15
+
+
+def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(a, b) of fused_us = a * gemm_us + b, b raised to the 90th percentile of the residuals."""
+    xs, ys = zip(*points, strict=True)
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    a = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
+    residuals = sorted(y - a * x for x, y in points)
+    b = residuals[min(len(residuals) - 1, round(0.9 * (len(residuals) - 1)))]
+    return a, b
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("json", help="bench_async_tp.json")
+    parser.add_argument("--min-speedup", type=float, default=1.1)
+    args = parser.parse_args()
+    results = json.load(open(args.json))["results"]
+
+    chunked = {}
+    for kind, side in sorted({(r["kind"], r["side"]) for r in results}):
+        points = [(r["gemm_ms"] * 1e3, r["ours_ms"] * 1e3) for r in results
+                  if (r["kind"], r["side"]) == (kind, side) and r["gemm_ms"] >= MIN_GEMM_MS]
+        chunked[(kind, side)] = tuple(round(v, 2) for v in fit_line(points))
+    host_us = round(min(r["ours_ms"] for r in results) * 1e3, -1)
+    profile = dataclasses.replace(HOPPER, chunked=chunked, host_us=host_us)
+    print(f"host_us={host_us}")
+    print("chunked={" + ", ".join(f"{k!r}: ({a}, {b})" for k, (a, b) in chunked.items()) + "}")
+
+    gated = []
+    for r in results:
+        elem = 2 if r["kind"] == "mm" else 1
+        comm_bytes = r["M"] * r["K"] * elem if r["side"] == "ag" else r["M"] * r["N"] * 2
+        est = estimate(profile, r["kind"], r["M"], r["K"], r["N"], r["world_size"], comm_bytes, reduce=r["side"] == "rs")
+        fuse = est.speedup >= args.min_speedup
+        gated.append(r["speedup"] if fuse else 1.0)
+        print(f"{r['kind']:>9} {r['side']} {r['M']:>6} {r['K']:>5} {r['N']:>6}  measured {r['speedup']:.2f}x  "
+              f"predicted {est.speedup:.2f}x  {'fuse' if fuse else 'keep'}")
+    print(f"gated: min {min(gated):.2f}x, fused {sum(g != 1.0 for g in gated)} of {len(gated)} shapes")
+
+
+if __name__ == "__main__":
+    main()
