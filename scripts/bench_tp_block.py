@@ -1,7 +1,7 @@
 """Llama-style tensor-parallel layers with FP8 GEMMs: baseline vs sequence parallelism vs SP + AsyncTP.
 
     source scripts/gpu_setup.sh
-    torchrun --nproc-per-node 2 scripts/bench_tp_block.py [--quick] [--tokens 512,1024] [--out DIR]
+    torchrun --nproc-per-node 2 scripts/bench_tp_block.py [--gemm bmm_fp8] [--cudagraphs] [--quick] [--out DIR]
 
 The model: ``--layers`` decoder layers at Llama-3-70B sizes (hidden 8192, 64 query / 8 KV heads of 128,
 intermediate 28672), split over the ranks like Megatron/vLLM TP:
@@ -23,7 +23,9 @@ Variants, each compiled per token count with static shapes:
     sp           FusionConfig(sequence_parallel=True)                 this GPU family's thresholds
     sp+async_tp  FusionConfig(sequence_parallel=True, async_tp=True)  AsyncTP's cost model decides
 Times are medians of per-iteration CUDA-event times after warm-up, the slowest rank's, with the
-inputs rotated through copies larger than L2. The table shows ms, the speedup over the baseline,
+inputs rotated through copies larger than L2. Without CUDA graphs a forward of a few thousand tokens
+is bound by host time (Python launches of every kernel and collective), which SP's extra ops lengthen;
+``--cudagraphs`` replays each compiled forward as a CUDA graph, as serving engines do. The table shows ms, the speedup over the baseline,
 whether SP applied (it must stay off below the threshold) and how many collectives AsyncTP fused.
 """
 
@@ -159,8 +161,14 @@ def run(args: argparse.Namespace) -> dict:
         for name, config in VARIANTS.items():
             torch._dynamo.reset()
             pm = PassManager(config)
-            compiled = torch.compile(model, options={"post_grad_custom_post_pass": pm}, dynamic=False)
+            options = {"post_grad_custom_post_pass": pm, "triton.cudagraphs": args.cudagraphs}
+            compiled = torch.compile(model, options=options, dynamic=False)
+            skips_before = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
             out = compiled(*inputs[0])[0].float()
+            if args.cudagraphs and torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] > skips_before:
+                row[f"{name}_cudagraph_skipped"] = True
+                if rank == 0:
+                    print(f"  {name}: Inductor skipped CUDA graphs (see TORCH_LOGS=perf_hints)", flush=True)
             if reference is None:
                 reference = out
             row[f"{name}_max_abs_diff"] = float((out - reference).abs().max())
@@ -184,6 +192,7 @@ def run(args: argparse.Namespace) -> dict:
         "world_size": ws,
         "layers": args.layers,
         "gemm": args.gemm,
+        "cudagraphs": args.cudagraphs,
         "shape": dataclasses.asdict(shape),
         "rows": rows,
     }
@@ -192,7 +201,7 @@ def run(args: argparse.Namespace) -> dict:
 def table(result: dict) -> str:
     lines = [
         f"# bench_tp_block: {result['layers']} Llama-style TP layers, hidden {result['shape']['hidden']}, "
-        f"FP8 {result['gemm']}, ws {result['world_size']}",
+        f"FP8 {result['gemm']}, ws {result['world_size']}" + (", CUDA graphs" if result["cudagraphs"] else ""),
         f"# {result['device']} ({result['family']}), torch {result['torch']}, {result['date']}",
         f"{'tokens':>7} {'baseline ms':>12} {'sp ms':>9} {'sp+async ms':>12} {'sp x':>6} {'sp+async x':>11}"
         f" {'sp on':>6} {'fused':>6}  max |diff| vs baseline (sp, sp+async)",
@@ -241,6 +250,8 @@ def main() -> None:
     parser.add_argument("--tokens", default="512,1024,4096,8192,16384", help="global token counts, comma-separated")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--gemm", choices=("scaled_mm", "bmm_fp8"), default="scaled_mm")
+    parser.add_argument("--cudagraphs", action="store_true",
+                        help="replay each compiled forward as a CUDA graph (no host launch overhead)")
     parser.add_argument("--iters", type=int, default=40, help="timed calls at 1024 tokens (fewer for more tokens)")
     parser.add_argument("--quick", action="store_true", help="a 20-second smoke run: 2 token counts, 1 layer")
     parser.add_argument("--out", default=os.environ.get("OUT") or "bench_out")
@@ -262,10 +273,11 @@ def main() -> None:
         if dist.get_rank() == 0:
             print(table(result))
             os.makedirs(args.out, exist_ok=True)
-            json_path = os.path.join(args.out, "bench_tp_block.json")
+            stem = f"bench_tp_block_{args.gemm}" + ("_cudagraphs" if args.cudagraphs else "")
+            json_path = os.path.join(args.out, f"{stem}.json")
             with open(json_path, "w") as f:
                 json.dump(result, f, indent=2)
-            png_path = os.path.join(args.out, "bench_tp_block.png")
+            png_path = os.path.join(args.out, f"{stem}.png")
             plotted = plot(result, png_path)
             print(f"wrote {json_path}" + (f" and {png_path}" if plotted else " (no matplotlib: no plot)"))
     finally:
