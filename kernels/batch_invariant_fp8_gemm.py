@@ -13,6 +13,12 @@ fixes everything that decides the arithmetic of a row from (N, K) alone:
   computed alongside and dropped at the store;
 - no FMA contraction in the epilogue, so scaling and bias round the same way in every variant.
 
+What :class:`TileConfig` may vary beyond the tile shape changes only which program computes a tile,
+when, and how its result reaches memory: a persistent grid (one program per SM looping over tiles,
+so the assignment of tiles to programs follows M), Triton's warp specialization (loads and wgmma in
+different warps), and a TMA-store epilogue. Each tile is still the same wgmma sequence over the same
+K order followed by the same epilogue operations, so a row's bits do not depend on M in any variant.
+
 The tensor cores' reduced-precision FP8 accumulator is promoted into fp32 once per 128 K values,
 the accuracy of cuBLAS without fast accumulation; ``use_fast_accum=True`` skips the promotion, as
 ``torch._scaled_mm``'s flag of the same name does (faster, less accurate over long K, equally
@@ -36,12 +42,13 @@ K and N must be multiples of 16 (the TMA row pitch and ``torch._scaled_mm``'s ow
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from ._triton import HAS_TRITON, require_triton, tl, triton
+from ._triton import HAS_TRITON, jit, require_triton, tl, triton
 from .library import (
     HALF_DTYPES,
     OpSample,
@@ -63,7 +70,12 @@ WGMMA_M = 64
 
 @dataclass(frozen=True)
 class TileConfig:
-    """The compile-time shape of the kernel. Everything in it may depend on (N, K), nothing on M."""
+    """The compile-time shape of the kernel. Everything in it may depend on (N, K), nothing on M.
+
+    The structural flags change how tiles are scheduled and stored, never the arithmetic of a tile:
+    every output tile is still one program's walk over the same K tiles with the same ``tl.dot``
+    shape, and the same epilogue operations, so a flag may be chosen for speed alone.
+    """
 
     block_m: int
     block_n: int
@@ -71,6 +83,18 @@ class TileConfig:
     group_m: int
     num_warps: int
     num_stages: int
+    # One program per SM looping over output tiles (in the grouped order) instead of one per tile:
+    # the next tile's loads overlap this tile's epilogue, and no launch waves are left half empty.
+    persistent: bool = False
+    # Triton's automatic warp specialization (3.5+): producer warps issue the TMA loads, consumer
+    # warpgroups the wgmma. On the tile loop of a persistent kernel, else on the K loop.
+    warp_specialize: bool = False
+    # The output tile goes out through a TMA store (staged in shared memory) instead of a masked
+    # ``tl.store`` from registers; TMA clips the rows past M and columns past N.
+    tma_store: bool = False
+    # TMA-stored output in this many column slices, each staged and stored in turn: less shared
+    # memory for the epilogue (left to the pipeline), and the first store starts earlier.
+    epilogue_subtiles: int = 1
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -83,18 +107,50 @@ class TileConfig:
             raise ValueError(f"num_warps must be 4 or 8, with a warpgroup (4 warps) per 64 rows: {self}")
         if self.group_m < 1 or self.num_stages < 1:
             raise ValueError(f"group_m and num_stages must be positive: {self}")
+        if self.epilogue_subtiles not in (1, 2) or self.block_n // self.epilogue_subtiles < 16:
+            raise ValueError(f"epilogue_subtiles must be 1 or 2, leaving slices >= 16 columns wide: {self}")
+        if self.epilogue_subtiles > 1 and not self.tma_store:
+            raise ValueError(f"epilogue_subtiles > 1 slices the TMA store: it needs tma_store=True: {self}")
 
     def accumulator_regs_per_thread(self) -> int:
         """fp32 accumulator registers per thread (warpgroups stack along M first, then along N)."""
         return self.block_m * self.block_n // (32 * self.num_warps)
 
-    def smem_bytes(self) -> int:
-        """Pipeline buffers: an A and a B tile of fp8 per stage."""
-        return (self.block_m + self.block_n) * self.block_k * self.num_stages
+    def smem_bytes(self, out_bytes: int = 2) -> int:
+        """Pipeline buffers (an A and a B tile of fp8 per stage), plus the TMA store's staging slice."""
+        staging = self.block_m * self.block_n // self.epilogue_subtiles * out_bytes if self.tma_store else 0
+        return (self.block_m + self.block_n) * self.block_k * self.num_stages + staging
+
+
+@dataclass(frozen=True)
+class TileRule:
+    """``config`` serves every weight with N >= min_n and K >= min_k (the first matching rule wins);
+    its ``num_stages`` is an upper bound, cut to the number of K tiles (at least 2)."""
+
+    min_n: int
+    min_k: int
+    config: TileConfig
+
+
+# Set from ``scripts/bench_batch_invariant.py --sweep`` (one H200): edit the rows, most specific first.
+# From ``scripts/bench_batch_invariant.py --sweep`` on H200 (Triton 3.6, 2026-11-22); ratios to cuBLAS
+# ``_scaled_mm`` at M = 1 ... 16384 in docs/benchmarks.md.
+TILE_RULES: tuple[TileRule, ...] = (
+    # Wide layers have N tiles to spare: 128x128 tiles (two warpgroups along M) halve the loads per
+    # FLOP of 64x128. Persistent with a warp-specialized loader and a TMA-store epilogue measured
+    # best at (4096, 14336): it overlaps each tile's epilogue with the next tile's loads.
+    TileRule(8192, 0, TileConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=4,
+                                 persistent=True, warp_specialize=True, tma_store=True)),
+    # Everything narrower: 64x128 (96 KiB of pipeline buffers, two programs per SM, one computing
+    # while the other promotes). For N = 2048 it beats 64x64 from 1024 rows (0.66-0.77x vs
+    # 0.49-0.55x of cuBLAS) and stays >= 0.97x below 256 rows.
+    TileRule(0, 0, TileConfig(64, 128, 128, group_m=8, num_warps=4, num_stages=4)),
+)
 
 
 def tile_config(N: int, K: int) -> TileConfig:
-    """The one configuration for an (N, K) weight. Deliberately not a function of M.
+    """The one configuration for an (N, K) weight, from :data:`TILE_RULES`. Deliberately not a
+    function of M.
 
     Without split-K, a fixed tile must serve every batch size: wide tiles reuse each loaded tile
     more (large M is L2-bandwidth bound with 64x128 tiles), narrow ones give more programs to stream
@@ -103,17 +159,9 @@ def tile_config(N: int, K: int) -> TileConfig:
     each warpgroup holds at most 64x128 fp32 values twice (accumulator and promotion buffer).
     ``scripts/bench_batch_invariant.py --sweep`` measures the alternatives per (N, K).
     """
-    k_tiles = -(-K // 128)
-    if N >= 8192:
-        # Wide layers have N tiles to spare: 128x128 tiles (two warpgroups along M) halve the loads
-        # per FLOP of 64x128 and still give 2 * N / 128 programs at 256 tokens.
-        return TileConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=min(4, max(2, k_tiles)))
-    if N >= 3072:
-        # 96 KiB of pipeline buffers: two programs per SM, one computing while the other promotes.
-        return TileConfig(64, 128, 128, group_m=8, num_warps=4, num_stages=min(4, max(2, k_tiles)))
-    # Small N (down-projections, narrow TP shards): the weight streams through N / 64 programs at
-    # small M, with a deeper pipeline to keep more bytes in flight per program.
-    return TileConfig(64, 64, 128, group_m=8, num_warps=4, num_stages=min(6, max(2, k_tiles)))
+    rule = next(r for r in TILE_RULES if N >= r.min_n and K >= r.min_k)
+    k_tiles = -(-K // rule.config.block_k)
+    return replace(rule.config, num_stages=min(rule.config.num_stages, max(2, k_tiles)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,49 +248,33 @@ def reference_batch_invariant_fp8_gemm(
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernel and launcher
+# Triton kernels and launcher
 # ---------------------------------------------------------------------------------------------
 
 
-def _kernel_body(
-    a_desc,
-    b_desc,
-    out_ptr,
-    a_scale_ptr,
-    b_scale_ptr,
-    bias_ptr,
-    M,
-    N,
-    K,
-    A_PER_ROW: tl.constexpr,
-    B_PER_COL: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    FAST_ACCUM: tl.constexpr,
-    OUT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    # a_desc views A as (b*M, K), b_desc views the weight as (b*N, K): a tile that runs past row M or
-    # column N of its batch reads the next batch (or TMA's zero fill); those rows and columns are
-    # computed and dropped at the store, and never enter the sums of the rows that are kept.
-    pid = tl.program_id(0)
-    batch = tl.program_id(1)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M row tiles share each weight tile while it is in L2.
+@jit
+def _tile_position(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of output tile number ``tile`` of one batch, in grouped order:
+    GROUP_M row tiles share each weight tile while it is in L2."""
     tiles_per_group = GROUP_M * tiles_n
-    first_m = (pid // tiles_per_group) * GROUP_M
+    first_m = (tile // tiles_per_group) * GROUP_M
     rows_in_group = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % tiles_per_group) % rows_in_group
-    pid_n = (pid % tiles_per_group) // rows_in_group
+    pid_m = first_m + (tile % tiles_per_group) % rows_in_group
+    pid_n = (tile % tiles_per_group) // rows_in_group
+    return pid_m, pid_n
 
-    row0 = batch * M + pid_m * BLOCK_M
-    col0 = batch * N + pid_n * BLOCK_N
+
+@jit
+def _accumulate(a_desc, b_desc, row0, col0, K, FAST_ACCUM: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """The one K order every row goes through: the fp32 tile of rows row0.. times weight rows col0..
+
+    a_desc views A as (b*M, K), b_desc views the weight as (b*N, K): a tile that runs past row M or
+    column N of its batch reads the next batch (or TMA's zero fill); those rows and columns are
+    computed and dropped at the store, and never enter the sums of the rows that are kept.
+    """
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # The one K order every row goes through.
-    for k in range(tl.cdiv(K, BLOCK_K)):
+    for k in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WARP_SPECIALIZE):
         a = a_desc.load([row0, k * BLOCK_K])
         b = b_desc.load([col0, k * BLOCK_K])
         if FAST_ACCUM:
@@ -251,7 +283,14 @@ def _kernel_body(
         else:
             # Start each K tile from a zero partial and add it to acc in fp32.
             acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=BLOCK_K)
+    return acc
 
+
+@jit
+def _epilogue(acc, out_ptr, out_desc, a_scale_ptr, b_scale_ptr, bias_ptr, batch, pid_m, pid_n, M, N,
+              A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA_STORE: tl.constexpr, SUBTILES: tl.constexpr):
+    """Scale, add bias, round once to OUT_DTYPE, store the rows < M and columns < N of the tile."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -268,12 +307,105 @@ def _kernel_body(
     out = acc * (a_scale * b_scale)
     if HAS_BIAS:
         out = out + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + rows[:, None] * N + offs_n[None, :]
-    tl.store(out_ptrs, out.to(OUT_DTYPE), mask=mask_m[:, None] & mask_n[None, :])
+    out = out.to(OUT_DTYPE)
+    if TMA_STORE:
+        # out_desc is (b, M, N): TMA clips at this batch's row M, where a 2-D view would spill into
+        # the next batch's rows.
+        row = pid_m * BLOCK_M
+        col = pid_n * BLOCK_N
+        if SUBTILES == 1:
+            out_desc.store([batch, row, col], out.reshape(1, BLOCK_M, BLOCK_N))
+        else:
+            left, right = out.reshape(BLOCK_M, 2, BLOCK_N // 2).permute(0, 2, 1).split()
+            out_desc.store([batch, row, col], left.reshape(1, BLOCK_M, BLOCK_N // 2))
+            out_desc.store([batch, row, col + BLOCK_N // 2], right.reshape(1, BLOCK_M, BLOCK_N // 2))
+    else:
+        out_ptrs = out_ptr + rows[:, None] * N + offs_n[None, :]
+        tl.store(out_ptrs, out, mask=mask_m[:, None] & mask_n[None, :])
 
 
-# M is a runtime value: Triton would otherwise compile a separate binary for M == 1 and for M % 16 == 0.
+def _kernel_body(
+    a_desc,
+    b_desc,
+    out_ptr,
+    out_desc,
+    a_scale_ptr,
+    b_scale_ptr,
+    bias_ptr,
+    M,
+    N,
+    K,
+    A_PER_ROW: tl.constexpr,
+    B_PER_COL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FAST_ACCUM: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+    TMA_STORE: tl.constexpr,
+    SUBTILES: tl.constexpr,
+):
+    """One program per output tile: grid (tiles of one batch, batches)."""
+    batch = tl.program_id(1)
+    pid_m, pid_n = _tile_position(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    acc = _accumulate(a_desc, b_desc, batch * M + pid_m * BLOCK_M, batch * N + pid_n * BLOCK_N, K,
+                      FAST_ACCUM, BLOCK_M, BLOCK_N, BLOCK_K, WARP_SPECIALIZE)
+    _epilogue(acc, out_ptr, out_desc, a_scale_ptr, b_scale_ptr, bias_ptr, batch, pid_m, pid_n, M, N,
+              A_PER_ROW, B_PER_COL, HAS_BIAS, OUT_DTYPE, BLOCK_M, BLOCK_N, TMA_STORE, SUBTILES)
+
+
+def _persistent_kernel_body(
+    a_desc,
+    b_desc,
+    out_ptr,
+    out_desc,
+    a_scale_ptr,
+    b_scale_ptr,
+    bias_ptr,
+    M,
+    N,
+    K,
+    BATCH,
+    A_PER_ROW: tl.constexpr,
+    B_PER_COL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FAST_ACCUM: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+    TMA_STORE: tl.constexpr,
+    SUBTILES: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+):
+    """min(NUM_SMS, tiles) programs, each looping over every NUM_SMS-th tile of all batches: the
+    schedule depends on M, the work done for each tile (and so each row's arithmetic) does not."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_batch = tiles_m * tiles_n
+    # Flattening the K loop into the tile loop lets the pipeline prefetch the next tile's first K
+    # tiles during this tile's epilogue; Triton's warp specialization takes the nested form instead.
+    for tile in tl.range(tl.program_id(0), tiles_per_batch * BATCH, NUM_SMS, flatten=not WARP_SPECIALIZE,
+                         warp_specialize=WARP_SPECIALIZE):
+        batch = tile // tiles_per_batch
+        pid_m, pid_n = _tile_position(tile % tiles_per_batch, tiles_m, tiles_n, GROUP_M)
+        acc = _accumulate(a_desc, b_desc, batch * M + pid_m * BLOCK_M, batch * N + pid_n * BLOCK_N, K,
+                          FAST_ACCUM, BLOCK_M, BLOCK_N, BLOCK_K, False)
+        _epilogue(acc, out_ptr, out_desc, a_scale_ptr, b_scale_ptr, bias_ptr, batch, pid_m, pid_n, M, N,
+                  A_PER_ROW, B_PER_COL, HAS_BIAS, OUT_DTYPE, BLOCK_M, BLOCK_N, TMA_STORE, SUBTILES)
+
+
+# M (and the batch count) are runtime values: Triton would otherwise compile a separate binary for
+# M == 1 and for M % 16 == 0, and every M must run the same one.
 _kernel = triton.jit(do_not_specialize=["M"])(_kernel_body) if HAS_TRITON else _kernel_body
+_persistent_kernel = (
+    triton.jit(do_not_specialize=["M", "BATCH"])(_persistent_kernel_body) if HAS_TRITON else _persistent_kernel_body
+)
 
 _TL_OUT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -282,6 +414,18 @@ def launch_options(cfg: TileConfig) -> dict[str, object]:
     """Triton compile options of a launch with ``cfg``."""
     # No FMA contraction: two roundings (scale, then bias) like the reference, in every variant.
     return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": False}
+
+
+# The interpreter has no SMs: a few programs make each one loop over several tiles, as on a GPU.
+INTERPRETER_PROGRAMS = 3
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    """Programs of a persistent launch: one per SM."""
+    if device.type != "cuda":
+        return INTERPRETER_PROGRAMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _tma_operand(t: torch.Tensor) -> torch.Tensor:
@@ -324,30 +468,35 @@ def batch_invariant_fp8_gemm_triton(
     w2d = _tma_operand(B.transpose(-1, -2)).reshape(b * N, K)
     a_desc = TensorDescriptor.from_tensor(a2d, [cfg.block_m, cfg.block_k])
     b_desc = TensorDescriptor.from_tensor(w2d, [cfg.block_n, cfg.block_k])
+    out_desc = (
+        TensorDescriptor.from_tensor(out.view(b, M, N), [1, cfg.block_m, cfg.block_n // cfg.epilogue_subtiles])
+        if cfg.tma_store
+        else out
+    )
     a_scale = A_scale.contiguous() if a_per_row else A_scale.reshape(1)
     b_scale = B_scale.contiguous() if b_per_col else B_scale.reshape(1)
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), b)
-    _kernel[grid](
-        a_desc,
-        b_desc,
-        out,
-        a_scale,
-        b_scale,
-        bias if bias is not None else out,
-        M,
-        N,
-        K,
-        A_PER_ROW=a_per_row,
-        B_PER_COL=b_per_col,
-        HAS_BIAS=bias is not None,
-        FAST_ACCUM=use_fast_accum,
-        OUT_DTYPE=getattr(tl, _TL_OUT_DTYPES[out_dtype]),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m,
+    args = (a_desc, b_desc, out, out_desc, a_scale, b_scale, bias if bias is not None else out, M, N, K)
+    meta = {
+        "A_PER_ROW": a_per_row,
+        "B_PER_COL": b_per_col,
+        "HAS_BIAS": bias is not None,
+        "FAST_ACCUM": use_fast_accum,
+        "OUT_DTYPE": getattr(tl, _TL_OUT_DTYPES[out_dtype]),
+        "BLOCK_M": cfg.block_m,
+        "BLOCK_N": cfg.block_n,
+        "BLOCK_K": cfg.block_k,
+        "GROUP_M": cfg.group_m,
+        "WARP_SPECIALIZE": cfg.warp_specialize,
+        "TMA_STORE": cfg.tma_store,
+        "SUBTILES": cfg.epilogue_subtiles,
         **launch_options(cfg),
-    )
+    }
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    if cfg.persistent:
+        num_sms = _num_sms(A.device)
+        _persistent_kernel[(min(num_sms, tiles * b),)](*args, b, NUM_SMS=num_sms, **meta)
+    else:
+        _kernel[(tiles, b)](*args, **meta)
     return out
 
 

@@ -9,12 +9,16 @@ where a K group is 128 consecutive K values. Layouts:
     B_scale    (ceil(N/128), K/128) float32, row-major: one scale per 128x128 weight block
     out        (M, N) bfloat16 (or float16)
 
-Why the fast path needs M % 4 == 0: the kernel reads a tile's BLOCK_M activation scales of one K
-group as a single TMA box of the M-major scale tensor. TMA requires every global stride except the
-innermost to be a multiple of 16 bytes; the row stride of ``A_scale_t`` is M float32 values, so M
-must be a multiple of 4 (``ALIGN_M``). CUTLASS's and DeepGEMM's SM90 block-scaled GEMMs carry the
-same requirement for the same reason. A scale buffer whose rows are padded (row stride a multiple
-of 4, e.g. ``buf[:, :M]`` of a (K/128, 4k) buffer) also satisfies it, for any M.
+Why the fast path requires M % 4 == 0: its contract is the scale layout of SM90 block-scaled GEMMs
+(CUTLASS, DeepGEMM), which read a tile's BLOCK_M activation scales of one K group as one TMA box of
+the M-major scale tensor. TMA requires every global stride except the innermost to be a multiple of
+16 bytes; the row stride of ``A_scale_t`` is M float32 values, so M must be a multiple of 4
+(``ALIGN_M``). Our kernel has that TMA-box variant (``SCALE_TMA``), but on H200 with Triton 3.6 the
+variant that reads the scales with plain loads one K group ahead (``SCALE_PTR``, the default) is
+1.5x faster, because Triton does not software-pipeline a TMA load that feeds no dot; that variant
+would itself accept unaligned scale rows. The op keeps the contract, so that scale tensors are
+interchangeable with those kernels and any variant can run. A scale buffer whose rows are padded
+(row stride a multiple of 4, e.g. ``buf[:, :M]`` of a (K/128, 4k) buffer) satisfies it for any M.
 
 Three entry points:
 - ``fusionpasses.block_fp8_mm``: the fast path; rejects unaligned scale rows.
@@ -26,20 +30,23 @@ Three entry points:
   Dynamo, so a ``torch.cond`` inside one would never be traced.
 
 The kernel: one K group (128) per step, its fp8 wgmma product scaled and added to an fp32
-accumulator (the promotion DeepSeek-V3 describes); TMA loads for A, B and the activation scales and
-a TMA store of the output; K split across CTAs (fp32 partials summed in split order) when the tile
-grid would leave most SMs idle, as it does at decode-sized M.
+accumulator (the promotion DeepSeek-V3 describes); TMA loads for A and B and a TMA store of the
+output; K split across CTAs (fp32 partials summed in split order) when the tile
+grid would leave most SMs idle, as it does at decode-sized M. Compile-time variants (how the
+activation scales are loaded, 256-wide tiles, warp specialization) are picked per M by
+``LAUNCH_RULES``, which ``scripts/bench_block_fp8.py --sweep`` measures.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAS_TRITON, interpreting, require_triton, tl, triton
+from ._triton import HAS_TRITON, interpreting, jit, require_triton, tl, triton
 from .library import (
     HALF_DTYPES,
     OpSample,
@@ -182,10 +189,41 @@ def quantize_weight_blockwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 # ---------------------------------------------------------------------------------------------
 
 
+# How the activation scales of a K group reach the accumulator's rows (the SCALE_LOAD constexpr).
+# Measured in the sm90 TTGIR (Triton 3.9): a TMA load outside the dot's operands is not software-
+# pipelined, so each one issues, waits on its barrier and only then lets the MMA start.
+SCALE_TMA = 0
+"""One [1, BLOCK_M] TMA box per K group: a full global round trip before every MMA."""
+SCALE_TMA_CHUNK = 1
+"""One [SCALE_CHUNK, BLOCK_M] TMA box per SCALE_CHUNK groups, kept in registers: the round trip is
+paid once per chunk; each group picks its row out of the chunk (a select-sum and a layout shuffle)."""
+SCALE_PTR = 2
+"""Plain loads straight into the accumulator's row layout, issued one group ahead so their latency
+hides behind the MMA. Reads no TMA box, so by itself it would not need M % 4 (see ALIGN_M)."""
+SCALE_LOADS = {"tma": SCALE_TMA, "tma_chunk": SCALE_TMA_CHUNK, "ptr": SCALE_PTR}
+# The same values as Triton constexprs: a jitted function may only read globals that are constexprs.
+_as_constexpr = tl.constexpr if HAS_TRITON else int
+_SCALE_TMA_CHUNK = _as_constexpr(SCALE_TMA_CHUNK)
+_SCALE_PTR = _as_constexpr(SCALE_PTR)
+
+
+@jit
+def _weight_scale(b_scale_ptr, g, valid, off_n, offs_n, N, k_groups, BLOCK_N: tl.constexpr):
+    """Weight scale(s) of K group g for this tile: a scalar when the tile lies in one 128-row weight
+    block, else one per column (a 256-wide tile spans two blocks). 0 where ``valid`` is false."""
+    if BLOCK_N <= 128:
+        return tl.load(b_scale_ptr + (off_n // 128) * k_groups + g, mask=valid, other=0.0)
+    else:
+        cols = tl.load(b_scale_ptr + (offs_n // 128) * k_groups + g, mask=offs_n < tl.where(valid, N, 0), other=0.0)
+        return cols[None, :]
+
+
 def _block_fp8_mm_kernel_body(
     a_desc,  # (M, K) e4m3, block [BLOCK_M, 128]
     b_desc,  # (N, K) e4m3, block [BLOCK_N, 128]
-    a_scale_desc,  # (K/128, M) fp32, block [1, BLOCK_M]: needs 16-byte aligned rows
+    a_scale_desc,  # (K/128, M) fp32, block [1 or SCALE_CHUNK, BLOCK_M]: needs 16-byte aligned rows
+    a_scale_ptr,  # the same scales as a pointer, row stride ``a_scale_row_stride`` (SCALE_PTR)
+    a_scale_row_stride,
     b_scale_ptr,  # (ceil(N/128), K/128) fp32
     c_desc,  # SPLIT_K == 1: (M, N) bf16/fp16, block [BLOCK_M, BLOCK_N]; else (SPLIT_K, M, N) fp32, block [1, ...]
     M,
@@ -195,10 +233,13 @@ def _block_fp8_mm_kernel_body(
     BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    SCALE_LOAD: tl.constexpr,
+    SCALE_CHUNK: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     # BLOCK_K is the scale group, so each K step multiplies one partial product by one scale pair.
     BLOCK_K: tl.constexpr = 128
-    tl.static_assert(BLOCK_K % BLOCK_N == 0, "a BLOCK_N tile must lie inside one 128-wide weight block")
+    tl.static_assert(BLOCK_N <= BLOCK_K or BLOCK_N % BLOCK_K == 0, "a tile must not straddle a weight block edge")
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -211,22 +252,43 @@ def _block_fp8_mm_kernel_body(
     pid_n = (pid % tiles_per_group) // group_rows
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
 
     k_groups = K // BLOCK_K
     groups_per_split = tl.cdiv(k_groups, SPLIT_K)
     first_group = pid_k * groups_per_split
     last_group = tl.minimum(first_group + groups_per_split, k_groups)
-    b_scale_row = b_scale_ptr + (off_n // BLOCK_K) * k_groups
+    # Scales are loaded one group ahead (carried in registers) so no load latency sits before an MMA.
+    b_scale = _weight_scale(b_scale_ptr, first_group, first_group < last_group, off_n, offs_n, N, k_groups, BLOCK_N)
+    if SCALE_LOAD == _SCALE_PTR:
+        next_a_scale = tl.load(a_scale_ptr + first_group * a_scale_row_stride + offs_m,
+                               mask=offs_m < tl.where(first_group < last_group, M, 0), other=0.0)
+    if SCALE_LOAD == _SCALE_TMA_CHUNK:
+        chunk_rows = tl.arange(0, SCALE_CHUNK)[:, None]
+        a_scale_chunk = tl.zeros((SCALE_CHUNK, BLOCK_M), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g in range(first_group, last_group):
+    for g in tl.range(first_group, last_group, warp_specialize=WARP_SPECIALIZE):
         a = a_desc.load([off_m, g * BLOCK_K])
         b = b_desc.load([off_n, g * BLOCK_K])
-        a_scale = tl.reshape(a_scale_desc.load([g, off_m]), (BLOCK_M, 1))
-        b_scale = tl.load(b_scale_row + g)
+        if SCALE_LOAD == _SCALE_PTR:
+            a_scale = next_a_scale[:, None]
+            next_a_scale = tl.load(a_scale_ptr + (g + 1) * a_scale_row_stride + offs_m,
+                                   mask=offs_m < tl.where(g + 1 < last_group, M, 0), other=0.0)
+        elif SCALE_LOAD == _SCALE_TMA_CHUNK:
+            row = (g - first_group) % SCALE_CHUNK
+            if row == 0:
+                # Rows past K/128 come back zero-filled; rows of the next split are never selected.
+                a_scale_chunk = a_scale_desc.load([g, off_m])
+            a_scale = tl.reshape(tl.sum(tl.where(chunk_rows == row, a_scale_chunk, 0.0), axis=0), (BLOCK_M, 1))
+        else:
+            a_scale = tl.reshape(a_scale_desc.load([g, off_m]), (BLOCK_M, 1))
+        group_b_scale = b_scale
+        b_scale = _weight_scale(b_scale_ptr, g + 1, g + 1 < last_group, off_n, offs_n, N, k_groups, BLOCK_N)
         # A fresh product per group: the fp8 MMA accumulates 128 products at most before it is
         # promoted to the fp32 accumulator with its scales.
         partial = tl.dot(a, tl.trans(b))
-        acc += partial * (a_scale * b_scale)
+        acc += partial * (a_scale * group_b_scale)
     if SPLIT_K == 1:
         c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
     else:
@@ -243,9 +305,10 @@ def _sum_splits_kernel_body(partials_ptr, out_ptr, numel, SPLIT_K: tl.constexpr,
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# M changes with every batch; specializing on it (M == 1, M % 16) would only multiply compiles.
+# M (and the scale row stride, usually M) changes with every batch; specializing on it
+# (M == 1, M % 16) would only multiply compiles.
 _block_fp8_mm_kernel = (
-    triton.jit(do_not_specialize=["M"])(_block_fp8_mm_kernel_body) if HAS_TRITON else _block_fp8_mm_kernel_body
+    triton.jit(do_not_specialize=["M", "a_scale_row_stride"])(_block_fp8_mm_kernel_body) if HAS_TRITON else _block_fp8_mm_kernel_body
 )
 _sum_splits_kernel = triton.jit(do_not_specialize=["numel"])(_sum_splits_kernel_body) if HAS_TRITON else _sum_splits_kernel_body
 
@@ -266,27 +329,83 @@ def _tensor_descriptor_cls():
     return TensorDescriptor
 
 
-def launch_config(M: int, N: int, K: int, num_sms: int) -> dict[str, int]:
-    """Tile sizes, split-K, warps and stages for one problem (no autotuning: deterministic, compile-once).
+@dataclass(frozen=True)
+class TileRule:
+    """The launch parameters for every M up to ``max_m`` (the first matching rule wins)."""
 
-    BLOCK_M 64 for decode-sized M (the smallest wgmma M); BLOCK_N drops to 64 when 128-wide tiles
-    would leave SMs idle; if even then fewer than half the SMs get a tile, K is split (into at least
-    4 groups of 128 per split) and the fp32 partials are summed in a second, small kernel. 8 warps
-    keep a 128x128 fp32 accumulator plus its per-group partial in registers.
-    """
-    block_m = 64 if M <= 64 else 128
-    block_n = 128
-    if -(-M // block_m) * -(-N // block_n) < num_sms:
-        block_n = 64
+    max_m: int
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+    GROUP_M: int = 8
+    SCALE_LOAD: int = SCALE_TMA_CHUNK
+    SCALE_CHUNK: int = 8
+    WARP_SPECIALIZE: bool = False
+
+
+# From ``scripts/bench_block_fp8.py --sweep`` on H200 (Triton 3.6, 2026-11-22): the scales read with
+# plain loads one group ahead beat both TMA variants at every M of the grid (geometric mean 0.65x of
+# tensor-wise cuBLAS vs 0.43x per-group TMA and 0.18x chunked TMA), and Triton's warp specialization
+# helps from about 1024 rows. BLOCK_M 64 for decode-sized M (the smallest wgmma M); 8 warps keep a
+# 128x128 fp32 accumulator plus its per-group partial in registers.
+LAUNCH_RULES: tuple[TileRule, ...] = (
+    TileRule(max_m=64, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, SCALE_LOAD=SCALE_PTR),
+    TileRule(max_m=512, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, SCALE_LOAD=SCALE_PTR),
+    TileRule(max_m=2**62, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, SCALE_LOAD=SCALE_PTR,
+             WARP_SPECIALIZE=True),
+)
+
+SPLIT_K_MIN_GROUPS = 4
+"""Fewest K groups of 128 a split may get: fewer and the partial sums cost more than they save."""
+
+SPLIT_K_MAX = 8
+
+
+def _split_k(M: int, N: int, K: int, num_sms: int, block_m: int, block_n: int) -> int:
+    """Splits K (powers of two) while fewer than half the SMs would get a tile, none left empty."""
     tiles = -(-M // block_m) * -(-N // block_n)
+    k_groups = K // QUANT_BLOCK
     split_k = 1
     if 2 * tiles <= num_sms:
-        limit = min(8, num_sms // tiles, K // QUANT_BLOCK // 4)
+        limit = min(SPLIT_K_MAX, num_sms // tiles, k_groups // SPLIT_K_MIN_GROUPS)
         while split_k * 2 <= limit:
             split_k *= 2
-    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": 8, "SPLIT_K": split_k, "num_warps": num_warps,
-            "num_stages": 4}
+    return split_k
+
+
+def launch_config(M: int, N: int, K: int, num_sms: int, **overrides: int) -> dict[str, int]:
+    """Tile sizes, split-K, warps, stages and scale loading for one problem (no autotuning:
+    deterministic, compile-once).
+
+    The first rule of ``LAUNCH_RULES`` with ``M <= max_m`` gives the tiles; BLOCK_N then drops to 64
+    when its tiles would leave SMs idle; if even then fewer than half the SMs get a tile, K is split
+    and the fp32 partials are summed in a second, small kernel. ``overrides`` replace any key; tile
+    overrides apply before split-K is chosen (the sweep uses this), SPLIT_K overrides it.
+    """
+    rule = next(r for r in LAUNCH_RULES if M <= r.max_m)
+    config = {k: v for k, v in asdict(rule).items() if k != "max_m"}
+    tile_overridden = "BLOCK_N" in overrides
+    config.update({k: v for k, v in overrides.items() if k != "SPLIT_K"})
+    if not tile_overridden and -(-M // config["BLOCK_M"]) * -(-N // config["BLOCK_N"]) < num_sms:
+        config["BLOCK_N"] = 64
+    config["SPLIT_K"] = overrides.get("SPLIT_K", _split_k(M, N, K, num_sms, config["BLOCK_M"], config["BLOCK_N"]))
+    return config
+
+
+def _check_config(config: dict[str, int], K: int) -> None:
+    block_n, split_k = config["BLOCK_N"], config["SPLIT_K"]
+    k_groups = K // QUANT_BLOCK
+    if block_n not in (16, 32, 64, 128, 256) or config["BLOCK_M"] not in (64, 128):
+        raise ValueError(f"block_fp8_mm: unsupported tile {config['BLOCK_M']}x{block_n}")
+    if config["SCALE_LOAD"] not in SCALE_LOADS.values():
+        raise ValueError(f"block_fp8_mm: unknown SCALE_LOAD {config['SCALE_LOAD']}")
+    chunk = config["SCALE_CHUNK"]
+    if chunk < 1 or chunk & (chunk - 1):
+        raise ValueError(f"block_fp8_mm: SCALE_CHUNK must be a power of two, got {chunk}")
+    # An empty split would still store its (zero) partial, but it means the split count is wasted.
+    if split_k < 1 or (split_k - 1) * -(-k_groups // split_k) >= k_groups:
+        raise ValueError(f"block_fp8_mm: SPLIT_K={split_k} leaves a split without K groups (K/128 = {k_groups})")
 
 
 def launch_block_fp8_mm(
@@ -297,7 +416,8 @@ def launch_block_fp8_mm(
     out: torch.Tensor,
     config: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """Run the Triton kernel into ``out`` (M, N); inputs already validated. ``config`` overrides the tiles."""
+    """Run the Triton kernel into ``out`` (M, N); inputs already validated. ``config`` overrides the tiles
+    (a full dict as ``launch_config`` returns)."""
     require_triton("block_fp8_mm")
     M, K = A.shape
     N = B.shape[0]
@@ -306,12 +426,14 @@ def launch_block_fp8_mm(
     if config is None:
         sms = _INTERPRETER_SMS if interpreting() and A.device.type == "cpu" else _num_sms(A.device.index or 0)
         config = launch_config(M, N, K, sms)
+    _check_config(config, K)
     block_m, block_n, split_k = config["BLOCK_M"], config["BLOCK_N"], config["SPLIT_K"]
+    scale_rows = config["SCALE_CHUNK"] if config["SCALE_LOAD"] == SCALE_TMA_CHUNK else 1
     TensorDescriptor = _tensor_descriptor_cls()
     a_desc = TensorDescriptor(A, [M, K], [K, 1], [block_m, QUANT_BLOCK])
     b_desc = TensorDescriptor(B, [N, K], [K, 1], [block_n, QUANT_BLOCK])
     # Shape (K/128, M) with the caller's row stride: TMA zero-fills beyond M and needs that stride aligned.
-    a_scale_desc = TensorDescriptor(A_scale_t, [K // QUANT_BLOCK, M], [A_scale_t.stride(0), 1], [1, block_m])
+    a_scale_desc = TensorDescriptor(A_scale_t, [K // QUANT_BLOCK, M], [A_scale_t.stride(0), 1], [scale_rows, block_m])
     if split_k == 1:
         c_desc = TensorDescriptor(out, [M, N], [N, 1], [block_m, block_n])
     else:
@@ -322,6 +444,8 @@ def launch_block_fp8_mm(
         a_desc,
         b_desc,
         a_scale_desc,
+        A_scale_t,
+        A_scale_t.stride(0),
         B_scale,
         c_desc,
         M,
@@ -331,6 +455,9 @@ def launch_block_fp8_mm(
         BLOCK_N=block_n,
         GROUP_M=config["GROUP_M"],
         SPLIT_K=split_k,
+        SCALE_LOAD=config["SCALE_LOAD"],
+        SCALE_CHUNK=config["SCALE_CHUNK"],
+        WARP_SPECIALIZE=bool(config["WARP_SPECIALIZE"]),
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
     )

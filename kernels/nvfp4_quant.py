@@ -44,10 +44,18 @@ only needs whole blocks (multiples of 16). With the swizzled layout, padding K f
 never changes the scale tensor's shape (its columns are already padded to 4 blocks = 64 elements).
 
 GPU kernel: Triton, one program per (row tile, K tile), bit-identical to :func:`reference_nvfp4_quant`.
+Each thread owns whole scale blocks: it loads a block's 16 values as eight 32-bit words (two elements
+each, decoded with bit operations), reduces the amax, and stores the block's 8 packed bytes, so no value
+crosses threads. Rows that are not 4-byte aligned (odd row stride, or a base 2 bytes past a word) take the
+same kernel with 2-byte loads instead (correct, slower; ``word_loads_possible``). Tile sizes: the
+``DEFAULT_*`` constants, from ``scripts/bench_nvfp4_quant.py --sweep``.
 E2M1 rounding is done in software (float32 adds and integer ops) on every GPU, Hopper and Blackwell
 alike. Blackwell's hardware ``cvt.rn.satfinite.e2m1x2.f32`` is not used: no Blackwell machine is available
-to check that inline-PTX path bit for bit, and the software conversion costs a few ALU instructions per
-element in a kernel bound by memory bandwidth. The block scales use Triton's fp32 -> fp8e4nv cast on
+to check that inline-PTX path bit for bit. On H200 the kernel moves about half of a device copy's bytes
+per second (docs/benchmarks.md), and the version that shuffled values between threads through shared
+memory ran as fast as this one: what bounds it is instruction issue (decode, amax, scale, the software
+E2M1 rounding and packing, some 20-30 instructions per element), not memory. The hardware conversion
+would remove most of the rounding's share. The block scales use Triton's fp32 -> fp8e4nv cast on
 GPUs (``cvt.rn.satfinite``, nearest even) but software rounding under Triton's CPU interpreter, whose
 fp8 cast rounds ties and subnormals wrongly; both are checked against the reference (CPU suite and
 GPU tests). Divisions are IEEE (``tl.math.div_rn``): Triton's ``/`` is approximate on NVIDIA GPUs.
@@ -258,29 +266,50 @@ def _nvfp4_quant_kernel(
     scale_rows,
     scale_cols,
     k_tiles,
+    IS_BF16: tl.constexpr,
+    WORD_LOADS: tl.constexpr,
     SWIZZLED: tl.constexpr,
     SOFTWARE_E4M3: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    # Every tensor is laid out (row, block, pair): pair p of block b holds elements 16b + 2p (low) and
+    # 16b + 2p + 1 (high), which become byte 8b + p of the packed row. Loads, the per-block amax, the
+    # codes and the packed store all share that one shape, so no value ever moves between threads
+    # (a reshape to (.., 16) and a split of (.., 2) would each be a layout conversion through shared memory).
+    BLOCKS: tl.constexpr = BLOCK_K // 16
     pid = tl.program_id(0)
     # K tiles vary fastest, so neighbouring programs stream neighbouring bytes of the same rows.
     pid_m = pid // k_tiles
     pid_k = pid % k_tiles
 
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    row = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    block = pid_k * BLOCKS + tl.arange(0, BLOCKS)
+    rows = row[:, None, None]
+    byte_col = block[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
     # Columns N..width and rows M..scale_rows load as zeros: they quantize to zero codes and scales,
     # which is exactly the padding the outputs need.
-    x = tl.load(
-        x_ptr + rows[:, None] * stride_xm + cols[None, :],
-        mask=(rows[:, None] < M) & (cols[None, :] < N),
-        other=0.0,
-    ).to(tl.float32)
+    in_x = (rows < M) & (block[None, :, None] * 16 < N)
+    if WORD_LOADS:
+        # One 32-bit word per pair (little-endian: the low half is the even element), so a thread's
+        # block is 32 contiguous bytes: two 16-byte loads.
+        words = tl.load(
+            x_ptr.to(tl.pointer_type(tl.int32)) + rows * (stride_xm // 2) + byte_col, mask=in_x, other=0
+        )
+        if IS_BF16:
+            low = (words << 16).to(tl.float32, bitcast=True)
+            high = (words & -65536).to(tl.float32, bitcast=True)
+        else:
+            low = words.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            high = (words >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        # Odd row stride or a base not 4-byte aligned: the same layout from two 2-byte loads per pair.
+        pair_ptr = x_ptr + rows * stride_xm + byte_col * 2
+        low = tl.load(pair_ptr, mask=in_x, other=0.0).to(tl.float32)
+        high = tl.load(pair_ptr + 1, mask=in_x, other=0.0).to(tl.float32)
     global_scale = tl.load(global_scale_ptr)
 
-    blocks = tl.reshape(x, (BLOCK_M, BLOCK_K // 16, 16))
-    amax = tl.max(tl.abs(blocks), axis=2)
+    amax = tl.max(tl.maximum(tl.abs(low), tl.abs(high)), axis=2)
     scale = tl.minimum(amax * 0.16666666666666666 * global_scale, 448.0)
     if SOFTWARE_E4M3:
         scale_value, scale_code = _round_to_e4m3(scale)
@@ -290,21 +319,18 @@ def _nvfp4_quant_kernel(
         scale_code = scale_fp8.to(tl.uint8, bitcast=True)
     nonzero = scale_value > 0.0
     # div_rn is IEEE division (plain `/` is approximate on NVIDIA); it takes operands of one shape.
-    numerator = tl.full((BLOCK_M, BLOCK_K // 16), 1.0, tl.float32) * global_scale
-    factor = tl.where(nonzero, tl.math.div_rn(numerator, tl.where(nonzero, scale_value, 1.0)), 0.0)
+    numerator = tl.full((BLOCK_M, BLOCKS), 1.0, tl.float32) * global_scale
+    factor = tl.where(nonzero, tl.math.div_rn(numerator, tl.where(nonzero, scale_value, 1.0)), 0.0)[:, :, None]
 
-    codes = _e2m1_codes(blocks * factor[:, :, None])
-    low, high = tl.split(tl.reshape(codes, (BLOCK_M, BLOCK_K // 2, 2)))
-    packed = (low | (high << 4)).to(tl.uint8)
-    byte_cols = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    packed = (_e2m1_codes(low * factor) | (_e2m1_codes(high * factor) << 4)).to(tl.uint8)
     tl.store(
-        packed_ptr + rows[:, None] * packed_cols + byte_cols[None, :],
+        packed_ptr + rows * packed_cols + byte_col,
         packed,
-        mask=(rows[:, None] < M) & (byte_cols[None, :] < packed_cols),
+        mask=(rows < M) & (byte_col < packed_cols),
     )
 
-    scale_row = rows[:, None]
-    scale_col = pid_k * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)[None, :]
+    scale_row = row[:, None]
+    scale_col = block[None, :]
     if SWIZZLED:
         tile = (scale_row // 128) * (scale_cols // 4) + scale_col // 4
         offsets = tile * 512 + (scale_row % 32) * 16 + ((scale_row // 32) % 4) * 4 + scale_col % 4
@@ -334,16 +360,50 @@ class TileShape:
             raise ValueError(f"TileShape.block_k must be >= {BLOCK_SIZE}, got {self.block_k}")
 
 
+# The default tile, in three numbers, from `scripts/bench_nvfp4_quant.py --sweep` on H200 (Triton 3.6,
+# 2026-11-22): 4x1024 with 4 warps had the best worst-shape bandwidth of 13 tiles (44.9% of a device
+# copy, 50.7% on average over M in {1024, 8192} x N in {7152, 14336}; 16x512/8w: 42.7%, 46.1%).
+DEFAULT_BLOCK_K = 1024
+"""Columns per program (at most): 64 blocks, so one warp's row of blocks is 2 KiB of contiguous bf16."""
+DEFAULT_TILE_ELEMENTS = 4096
+"""Elements per program at large M (8 KiB of bf16); fewer when M is too small to fill the GPU."""
+DEFAULT_ELEMENTS_PER_THREAD = 32
+"""Two scale blocks per thread: num_warps = tile elements / (32 * this), clamped to 1..16."""
+MIN_PROGRAMS_PER_SM = 4
+"""Small M: rows per program halve until the grid has this many programs per SM."""
+CANDIDATE_TILES = (
+    # (rows, columns, warps) that `bench_nvfp4_quant.py --sweep` ranks and the GPU tests check bit for bit:
+    # 16 to 64 elements (1 to 4 scale blocks) per thread, 8 to 32 KiB of bf16 per program.
+    TileShape(8, 512, 4),
+    TileShape(8, 512, 8),
+    TileShape(16, 512, 16),
+    TileShape(32, 512, 8),
+    TileShape(16, 512, 4),
+    TileShape(4, 1024, 4),
+    TileShape(8, 1024, 8),
+    TileShape(8, 1024, 16),
+    TileShape(16, 1024, 16),
+    TileShape(16, 256, 4),
+    TileShape(32, 256, 8),
+    TileShape(64, 256, 16),
+)
+
+
 def default_tile(rows: int, cols: int, sm_count: int = 132) -> TileShape:
-    """Up to 32 x 256 elements per program (16-byte loads, 32 values per thread at 8 warps), shrinking
-    the rows per program until there are about 4 programs per SM, so small M still fills the GPU."""
-    block_k = min(256, max(BLOCK_SIZE, triton.next_power_of_2(cols)))
+    """``DEFAULT_BLOCK_K`` columns (fewer for narrow inputs) by up to ``DEFAULT_TILE_ELEMENTS / block_k`` rows,
+    halving the rows until there are ``MIN_PROGRAMS_PER_SM`` programs per SM, so small M still fills the GPU."""
+    block_k = min(DEFAULT_BLOCK_K, max(BLOCK_SIZE, triton.next_power_of_2(cols)))
     k_tiles = triton.cdiv(cols, block_k)
-    block_m = 32
-    while block_m > 1 and triton.cdiv(rows, block_m) * k_tiles < 4 * sm_count:
+    block_m = max(1, DEFAULT_TILE_ELEMENTS // block_k)
+    while block_m > 1 and triton.cdiv(rows, block_m) * k_tiles < MIN_PROGRAMS_PER_SM * sm_count:
         block_m //= 2
-    num_warps = min(8, max(1, block_m * block_k // 256))
+    num_warps = min(16, max(1, block_m * block_k // (32 * DEFAULT_ELEMENTS_PER_THREAD)))
     return TileShape(block_m, block_k, num_warps)
+
+
+def word_loads_possible(x: torch.Tensor) -> bool:
+    """Whether the kernel can read x as 32-bit words (two elements each): 4-byte aligned rows."""
+    return x.data_ptr() % 4 == 0 and (x.stride(0) % 2 == 0 or x.shape[0] <= 1)
 
 
 def launch_nvfp4_quant(
@@ -382,6 +442,8 @@ def launch_nvfp4_quant(
         scale_rows,
         scale_cols,
         k_tiles,
+        IS_BF16=x.dtype == torch.bfloat16,
+        WORD_LOADS=word_loads_possible(x),
         SWIZZLED=scale_layout == "swizzled",
         SOFTWARE_E4M3=interpreting(),
         BLOCK_M=tile.block_m,

@@ -18,8 +18,11 @@ so host launch overhead is excluded (it is reported separately, for eager caller
 Targets (issue 9): ours >= 0.9x cuBLAS throughput at M >= 256 and >= 0.75x below, >= 2x dequant.
 
 ``--sweep`` instead times candidate tile configurations per (K, N) against cuBLAS (rowwise scales)
-and ranks them by how well they meet the targets over all M (~2-3 min): a fixed config per (N, K) is
-what batch invariance allows, so this is how ``tile_config`` is tuned.
+and ranks them by how well they meet the targets over all M (~3 min): tile shapes, pipeline depths
+and the structural variants of ``TileConfig`` (persistent, warp-specialized, TMA-store epilogue,
+epilogue subtiles). A fixed config per (N, K) is what batch invariance allows, so this is how
+``TILE_RULES`` in kernels/batch_invariant_fp8_gemm.py is set; a candidate the compiler rejects on
+this GPU is reported and skipped.
 """
 
 from __future__ import annotations
@@ -223,12 +226,46 @@ def host_overhead() -> dict:
     return {"ours_us": host_us_per_call(ours), "cublas_us": host_us_per_call(cublas)}
 
 
-def sweep_candidates() -> list[TileConfig]:
-    """M tile 64 or 128 (one or two warpgroups along M), N tile 64-256, a few pipeline depths."""
-    shapes = {(64, 64, 4): (4, 6), (64, 128, 4): (3, 4, 5), (64, 256, 8): (3, 4),
-              (128, 64, 8): (3, 4, 6), (128, 128, 8): (3, 4, 5)}
-    return [TileConfig(bm, bn, 128, group_m=8, num_warps=warps, num_stages=stages)
-            for (bm, bn, warps), all_stages in shapes.items() for stages in all_stages]
+def _variants(bm: int, bn: int, warps: int, stages: int, *flags: str) -> list[TileConfig]:
+    """One tile shape with each of the structural variants named in ``flags``:
+    "plain", "ws" (on the K loop), "p" (persistent), "p+ws", "p+tma", "p+ws+tma", "p+tma/2", "tma"."""
+    configs = []
+    for flag in flags:
+        parts = set(flag.replace("/2", "").split("+")) - {"plain"}
+        configs.append(TileConfig(bm, bn, 128, group_m=8, num_warps=warps, num_stages=stages,
+                                  persistent="p" in parts, warp_specialize="ws" in parts, tma_store="tma" in parts,
+                                  epilogue_subtiles=2 if flag.endswith("/2") else 1))
+    return configs
+
+
+def sweep_candidates(N: int, K: int) -> list[TileConfig]:
+    """Candidates for one weight, trimmed to what can win there (~7 per shape, each ~1 s to compile).
+
+    256-wide tiles hold 128 fp32 accumulator registers per thread, twice with the per-K-tile fp32
+    promotion: ptxas spills them (sm90, Triton 3.9), so they are tried on wide layers only, and
+    really only compete with --fast-accum. Warp specialization shows up on 4-warp kernels; with 8
+    warps Triton 3.9 compiles it without a producer warp (no setmaxnreg), kept as one candidate.
+    """
+    if N >= 8192:
+        return [*_variants(128, 128, 8, 4, "p+tma", "p+ws+tma", "p+tma/2"),
+                *_variants(128, 128, 8, 5, "p+tma"),
+                *_variants(64, 128, 4, 4, "p+ws"),
+                *_variants(128, 256, 8, 3, "p+tma/2")]
+    if N >= 3072:
+        return [*_variants(64, 128, 4, 4, "ws", "p+ws", "p+ws+tma", "p+tma/2"),
+                *_variants(128, 128, 8, 4, "plain", "p+tma")]
+    return [*_variants(64, 64, 4, 6, "p", "p+ws+tma"),
+            *_variants(64, 128, 4, 4, "plain", "p+ws"),
+            *_variants(128, 128, 8, 4, "p+tma"),
+            *_variants(128, 64, 8, 6, "p+tma")]
+
+
+def describe(cfg: TileConfig) -> str:
+    flags = [name for name, on in (("persistent", cfg.persistent), ("ws", cfg.warp_specialize),
+                                   ("tma-store", cfg.tma_store)) if on]
+    if cfg.epilogue_subtiles > 1:
+        flags.append(f"subtiles={cfg.epilogue_subtiles}")
+    return f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} " + ("+".join(flags) or "plain")
 
 
 def run_sweep(args: argparse.Namespace, l2: int) -> list[dict]:
@@ -242,25 +279,29 @@ def run_sweep(args: argparse.Namespace, l2: int) -> list[dict]:
         for M, acts in acts_by_m.items():
             cublas[M] = gpu_ms_per_call(variant_calls("cublas", "rowwise", acts, weights, args.fast_accum), 5.0, 5)
         current = tile_config(N, K)
-        candidates = sweep_candidates()
+        candidates = sweep_candidates(N, K)
         candidates += [current] if current not in candidates else []
         scored = []
+        started = time.perf_counter()
         for cfg in candidates:
             try:
                 ratios = {M: cublas[M] / gpu_ms_per_call(variant_calls("ours", "rowwise", acts, weights, args.fast_accum, cfg), 5.0, 5)
                           for M, acts in acts_by_m.items()}
-            except Exception as error:  # noqa: BLE001  e.g. out of shared memory or registers on this GPU
-                print(f"  skipped {cfg}: {type(error).__name__}: {error}")
+            except Exception as error:  # noqa: BLE001  the compiler may reject a combination, or run out of resources
+                print(f"  skipped {describe(cfg)}: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
+                results.append({"K": K, "N": N, "config": asdict(cfg), "error": f"{type(error).__name__}: {error}"[:2000]})
                 continue
             score = min(r / target_vs_cublas(M) for M, r in ratios.items())
             scored.append((score, cfg, ratios))
         scored.sort(key=lambda item: -item[0])
-        print(f"\nK={K} N={N}: score = min over M of (ours/cuBLAS) / target; >= 1 meets every target")
+        print(f"\nK={K} N={N} ({len(candidates)} candidates, {time.perf_counter() - started:.0f} s): "
+              "score = min over M of (ours/cuBLAS) / target; >= 1 meets every target")
         for score, cfg, ratios in scored:
             mark = "  <- tile_config" if cfg == current else ""
-            print(f"  {score:5.2f}  BM={cfg.block_m:<3} BN={cfg.block_n:<3} warps={cfg.num_warps} stages={cfg.num_stages}  "
-                  + " ".join(f"M{M}:{r:.2f}" for M, r in ratios.items()) + mark)
+            print(f"  {score:5.2f}  {describe(cfg):<42} " + " ".join(f"M{M}:{r:.2f}" for M, r in ratios.items()) + mark)
             results.append({"K": K, "N": N, "config": asdict(cfg), "score": score, "ratios": ratios, "current": cfg == current})
+        if scored:
+            print(f"  best: TileConfig({', '.join(f'{k}={v}' for k, v in asdict(scored[0][1]).items())})")
         del acts_by_m, weights
         torch.cuda.empty_cache()
     return results

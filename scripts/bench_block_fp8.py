@@ -1,6 +1,7 @@
 """Block-scaled FP8 GEMM benchmark: padding only when M needs it, and throughput against cuBLAS.
 
     python scripts/bench_block_fp8.py [--quick] [--out DIR]
+    python scripts/bench_block_fp8.py --sweep [--quick] [--out DIR]
 
 Table 1, padding. For each (K, N) and M in M_VALUES (aligned) and M - 1 (unaligned):
     direct      eager ``fusionpasses.block_fp8_mm`` (the fast path; aligned M only)
@@ -18,6 +19,12 @@ Times are GPU time per call (``triton.testing.do_bench_cudagraph``, median): the
 a CUDA graph, so Python launch overhead is excluded, and consecutive calls read different copies of
 the inputs, enough copies to stream more than twice the L2. The compiled programs are compiled once
 each with a dynamic M (``dynamic=True``) and serve every shape.
+
+``--sweep`` instead times every candidate launch config of SWEEP_CANDIDATES (scale loading, tiles,
+warps, stages, tile order, warp specialization, split-K) on the throughput grid, ranks them per
+problem against ``torch._scaled_mm``, and prints which candidate wins per M: the input for editing
+``LAUNCH_RULES`` in kernels/block_fp8_gemm.py. A candidate that fails to compile or launch is
+reported and skipped; one whose result differs from the default config's is flagged.
 """
 
 from __future__ import annotations
@@ -33,9 +40,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from fusionpasses.kernels import block_fp8_gemm as bf
 
 from fusionpasses import FusionConfig, PassManager, compile_options
-from fusionpasses.kernels import block_fp8_gemm as bf
 
 M_VALUES = (128, 1024, 4096, 16384)
 KN_SHAPES = ((7168, 2048), (2048, 7168), (7168, 18432))
@@ -130,6 +137,155 @@ def scaled_mm_calls(operands: list[Operands]) -> list[Callable[[], object]]:
     ]
 
 
+# ---- sweep -------------------------------------------------------------------------------------
+
+SCALE_PTR, SCALE_TMA = bf.SCALE_PTR, bf.SCALE_TMA
+WIDE = {"BLOCK_M": 128, "BLOCK_N": 256, "num_warps": 8, "num_stages": 3}
+
+# name -> overrides of launch_config (tile overrides apply before split-K is chosen); "default" is
+# what LAUNCH_RULES picks today. Keep the count near 20: the whole sweep must stay under 4 minutes.
+SWEEP_CANDIDATES: dict[str, dict[str, int]] = {
+    "default": {},
+    "scale=tma (per-group TMA)": {"SCALE_LOAD": SCALE_TMA},
+    "scale=ptr": {"SCALE_LOAD": SCALE_PTR},
+    "chunk=4": {"SCALE_CHUNK": 4},
+    "chunk=16": {"SCALE_CHUNK": 16},
+    "stages=3": {"num_stages": 3},
+    "stages=5": {"num_stages": 5},
+    "ptr stages=3": {"SCALE_LOAD": SCALE_PTR, "num_stages": 3},
+    "ptr stages=5": {"SCALE_LOAD": SCALE_PTR, "num_stages": 5},
+    "warps=4": {"num_warps": 4},
+    "group_m=1": {"GROUP_M": 1},
+    "group_m=16": {"GROUP_M": 16},
+    "warp_specialize": {"WARP_SPECIALIZE": True},
+    "ptr warp_specialize": {"SCALE_LOAD": SCALE_PTR, "WARP_SPECIALIZE": True},
+    "bm=64": {"BLOCK_M": 64, "num_warps": 4},
+    "bn=64": {"BLOCK_N": 64},
+    "bn=128": {"BLOCK_N": 128},
+    "128x256": dict(WIDE),
+    "ptr 128x256": dict(WIDE, SCALE_LOAD=SCALE_PTR),
+    "ptr 64x256 w4": {"BLOCK_M": 64, "BLOCK_N": 256, "num_warps": 4, "num_stages": 4, "SCALE_LOAD": SCALE_PTR},
+    "split=1": {"SPLIT_K": 1},
+    "split x2": {},  # the default's split doubled (see candidate_config)
+}
+
+
+def candidate_config(name: str, M: int, N: int, K: int, sms: int) -> dict[str, int]:
+    config = bf.launch_config(M, N, K, sms, **SWEEP_CANDIDATES[name])
+    if name == "split x2":
+        config["SPLIT_K"] *= 2
+    return config
+
+
+def sweep(args: argparse.Namespace, l2: int) -> list[dict]:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    names = list(SWEEP_CANDIDATES)
+    rows = []
+    for K, N in args.shapes:
+        weights = make_weights(N, K, copies_for(1, K, N, l2))
+        for M in args.m_values:
+            operands = make_operands(M, K, weights, copies_for(M, K, N, l2))
+            cublas_ms = time_ms(scaled_mm_calls(operands), args.rep_ms)
+            flops = 2 * M * N * K
+            outs = [torch.empty(M, N, dtype=BF16, device="cuda") for _ in operands]
+            expected = None
+            results = []
+            seen: dict[str, str] = {}  # identical configs are timed once
+            for name in names:
+                result = {"name": name}
+                try:
+                    config = candidate_config(name, M, N, K, sms)
+                    result["config"] = config
+                    key = json.dumps(config, sort_keys=True)
+                    if key in seen:
+                        result["same_as"] = seen[key]
+                        results.append(result)
+                        continue
+                    seen[key] = name
+                    calls = [lambda o=o, out=out, c=config: bf.launch_block_fp8_mm(o.A, o.B, o.A_scale_t, o.B_scale, out, c)
+                             for o, out in zip(operands, outs)]
+                    calls[0]()
+                    torch.cuda.synchronize()
+                    if expected is None:
+                        expected = outs[0].clone()
+                    else:
+                        # Same K order per element unless split-K differs: one bf16 ulp apart at most.
+                        result["matches_default"] = bool(torch.allclose(outs[0].float(), expected.float(), rtol=2**-7,
+                                                                        atol=1e-3 * expected.abs().max().item()))
+                    ms = time_ms(calls, args.rep_ms)
+                    result.update(us=1e3 * ms, tflops=flops / ms / 1e9, ratio=cublas_ms / ms)
+                except Exception as error:  # noqa: BLE001 - compile, resources, launch: any failure is reported, the sweep goes on
+                    result["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:120] if str(error).strip() else ''}"
+                results.append(result)
+            timed = sorted((r for r in results if "us" in r), key=lambda r: r["us"])
+            print(f"\nK={K} N={N} M={M}: cuBLAS tensor-wise {1e3 * cublas_ms:.1f} us = {flops / cublas_ms / 1e9:.0f} TF/s")
+            print(f"  {'#':>2} {'candidate':<26} {'us':>8} {'TF/s':>6} {'ratio':>6}  config")
+            for rank, r in enumerate(timed, 1):
+                c = r["config"]
+                flag = "" if r.get("matches_default", True) else "  RESULT DIFFERS"
+                print(f"  {rank:>2} {r['name']:<26} {r['us']:8.1f} {r['tflops']:6.0f} {r['ratio']:5.2f}x  "
+                      f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']} g{c['GROUP_M']} "
+                      f"split{c['SPLIT_K']} scale{c['SCALE_LOAD']}/{c['SCALE_CHUNK']} ws{int(c['WARP_SPECIALIZE'])}{flag}")
+            for r in results:
+                if "error" in r:
+                    print(f"   - {r['name']:<26} FAILED {r['error']}")
+            rows.append({"K": K, "N": N, "M": M, "cublas_us": 1e3 * cublas_ms, "candidates": results})
+    summarize_sweep(rows, names)
+    return rows
+
+
+def summarize_sweep(rows: list[dict], names: list[str]) -> None:
+    """Geometric-mean ratio per candidate over the problems it ran, and the winner per M."""
+    print("\nSweep summary: geometric mean of (cuBLAS time / candidate time); wins = problems where it was fastest")
+    ratio_of = {}
+    for row in rows:
+        by_name = {r["name"]: r for r in row["candidates"]}
+        for r in row["candidates"]:
+            timed = by_name.get(r.get("same_as", r["name"]), {})
+            if "ratio" in timed:
+                ratio_of[(row["K"], row["N"], row["M"], r["name"])] = timed["ratio"]
+    for name in names:
+        ratios = [v for (k, n, m, c), v in ratio_of.items() if c == name]
+        wins = sum(1 for row in rows if max((c for c in names if (row["K"], row["N"], row["M"], c) in ratio_of),
+                                            key=lambda c: ratio_of[(row["K"], row["N"], row["M"], c)],
+                                            default=None) == name)
+        if ratios:
+            mean = math.exp(sum(map(math.log, ratios)) / len(ratios))
+            print(f"  {name:<26} {mean:5.2f}x over {len(ratios):>2} problems, min {min(ratios):4.2f}x, wins {wins}")
+        else:
+            print(f"  {name:<26} never ran")
+    print("\nBest candidate per M (edit LAUNCH_RULES from this):")
+    for M in sorted({row["M"] for row in rows}):
+        cells = []
+        for row in (r for r in rows if r["M"] == M):
+            ratios = {c: ratio_of.get((row["K"], row["N"], M, c), 0.0) for c in names}
+            best = max(names, key=ratios.__getitem__)
+            cells.append(f"{row['K']}x{row['N']}: {best} ({ratios[best]:.2f}x, default {ratios['default']:.2f}x)")
+        print(f"  M={M:>6}  " + " | ".join(cells))
+
+
+def plot_sweep(rows: list[dict], title: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(SWEEP_CANDIDATES)
+    problems = [f"{r['K']}x{r['N']}\nM={r['M']}" for r in rows]
+    grid = []
+    for row in rows:
+        by_name = {r["name"]: r for r in row["candidates"]}
+        grid.append([by_name.get(by_name[n].get("same_as", n), {}).get("ratio", float("nan")) for n in names])
+    fig, ax = plt.subplots(figsize=(max(8, len(rows)), 8))
+    image = ax.imshow(torch.tensor(grid).t().numpy(), aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(problems)), problems, fontsize=6)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    fig.colorbar(image, label="cuBLAS tensor-wise time / candidate time")
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
 # ---- tables ------------------------------------------------------------------------------------
 
 
@@ -190,10 +346,10 @@ def throughput_table(args: argparse.Namespace, programs: dict, l2: int) -> list[
             cublas_ms = time_ms(scaled_mm_calls(operands), args.rep_ms)
             flops = 2 * M * N * K
             ratio = cublas_ms / block_ms
-            row = dict(K=K, N=N, M=M, block_us=1e3 * block_ms, cublas_us=1e3 * cublas_ms,
-                       block_tflops=flops / block_ms / 1e9, cublas_tflops=flops / cublas_ms / 1e9,
-                       ratio=ratio, target=TARGET_VS_CUBLAS, meets_target=ratio >= TARGET_VS_CUBLAS,
-                       config=bf.launch_config(M, N, K, torch.cuda.get_device_properties(0).multi_processor_count))
+            row = {"K": K, "N": N, "M": M, "block_us": 1e3 * block_ms, "cublas_us": 1e3 * cublas_ms,
+                       "block_tflops": flops / block_ms / 1e9, "cublas_tflops": flops / cublas_ms / 1e9,
+                       "ratio": ratio, "target": TARGET_VS_CUBLAS, "meets_target": ratio >= TARGET_VS_CUBLAS,
+                       "config": bf.launch_config(M, N, K, torch.cuda.get_device_properties(0).multi_processor_count)}
             rows.append(row)
             print(f"{K:>5} {N:>6} {M:>6} | {row['block_us']:9.1f} {row['cublas_us']:9.1f} | "
                   f"{row['block_tflops']:10.0f} {row['cublas_tflops']:11.0f} | {ratio:5.2f}x | "
@@ -235,6 +391,7 @@ def plot(padding: list[dict], throughput: list[dict], title: str, path: str) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one shape, two M, short timings: a smoke run")
+    parser.add_argument("--sweep", action="store_true", help="time every SWEEP_CANDIDATES config instead")
     parser.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="directory for JSON and PNG")
     args = parser.parse_args()
     args.shapes = KN_SHAPES[:1] if args.quick else KN_SHAPES
@@ -245,6 +402,17 @@ def main() -> None:
     title = header()
     print(title)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    os.makedirs(args.out, exist_ok=True)
+    if args.sweep:
+        args.rep_ms = 5 if args.quick else 10
+        rows = sweep(args, l2)
+        json_path = os.path.join(args.out, "bench_block_fp8_sweep.json")
+        with open(json_path, "w") as f:
+            json.dump({"header": title, "quick": args.quick, "problems": rows}, f, indent=2)
+        png_path = os.path.join(args.out, "bench_block_fp8_sweep.png")
+        plot_sweep(rows, title, png_path)
+        print(f"\nwrote {json_path} and {png_path}")
+        return
     programs, manager = build_programs()
     padding = padding_table(args, programs, l2)
     cond_padding = manager.pass_by_name("cond_padding").stats
@@ -254,8 +422,8 @@ def main() -> None:
     throughput = throughput_table(args, programs, l2)
 
     os.makedirs(args.out, exist_ok=True)
-    result = dict(header=title, quick=args.quick, pass_rewrites=cond_padding.matched, padding=padding,
-                  throughput=throughput)
+    result = {"header": title, "quick": args.quick, "pass_rewrites": cond_padding.matched, "padding": padding,
+                  "throughput": throughput}
     json_path = os.path.join(args.out, "bench_block_fp8.json")
     with open(json_path, "w") as f:
         json.dump(result, f, indent=2)

@@ -1,6 +1,7 @@
 """NVFP4 quantization that writes the K padding itself, against quantizing and then padding, on one GPU.
 
     python scripts/bench_nvfp4_quant.py [--quick] [--out DIR] [--layout swizzled|linear] [--tile BM,BK,WARPS]
+    python scripts/bench_nvfp4_quant.py --sweep [--out DIR] [--layout swizzled|linear]
 
 For M in {16, 128, 1024, 8192} and N in {7152, 7168, 14336} (bf16 input, padded_n = round_up(N, 32)):
     quant      ``fusionpasses.nvfp4_quant(x, gs)``, unpadded
@@ -11,6 +12,12 @@ For M in {16, 128, 1024, 8192} and N in {7152, 7168, 14336} (bf16 input, padded_
     copy       ``x.clone()``, a device copy of the input
 Targets: padded <= 1.05x quant; quant+pad >= 2x padded where N needs padding; padded's achieved bandwidth
 (bytes read + written) >= 75% of the copy's at M >= 1024.
+
+--sweep times the default tile and each of the kernel file's CANDIDATE_TILES at M in {1024, 8192} and
+N in {7152, 14336} (padded and unpadded quant, and the copy), prints each shape's tiles ranked by % of copy
+bandwidth with their padded/unpadded ratio, then the tiles ranked by their worst shape, and writes
+bench_nvfp4_quant_sweep.json. Set the kernel's DEFAULT_* constants from the winner. Under a minute on
+one H200 (mostly compiling).
 
 Timing: a CUDA graph holding one call per rotating input (the inputs together exceed twice the L2 cache,
 so each call reads from DRAM; the graph takes the launch overhead out), replayed after warm-up; the
@@ -34,7 +41,13 @@ import torch.nn.functional as F
 import triton
 
 import fusionpasses.kernels  # noqa: F401  (registers the ops)
-from fusionpasses.kernels.nvfp4_quant import TileShape, launch_nvfp4_quant, scale_shape
+from fusionpasses.kernels.nvfp4_quant import (
+    CANDIDATE_TILES,
+    TileShape,
+    default_tile,
+    launch_nvfp4_quant,
+    scale_shape,
+)
 
 M_VALUES = (16, 128, 1024, 8192)
 N_VALUES = (7152, 7168, 14336)
@@ -70,13 +83,35 @@ def time_per_call_us(call: Callable[[int], Any], n_inputs: int, replays: int) ->
     return statistics.median(samples)
 
 
+class Inputs:
+    """Enough (M, N) bf16 inputs to rotate through that together they exceed twice the L2 cache."""
+
+    def __init__(self, m: int, n: int) -> None:
+        self.m, self.n = m, n
+        self.bytes = m * n * 2
+        l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
+        self.count = max(2, min(512, math.ceil(2 * l2_bytes / self.bytes)))
+        self.xs = [torch.randn(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(self.count)]
+        self.gs = (448.0 * 6.0 / self.xs[0].float().abs().amax()).reshape(1)
+
+    def time_quant_us(self, width: int | None, layout: str, tile: TileShape | None, replays: int) -> float:
+        return time_per_call_us(
+            lambda i: launch_nvfp4_quant(self.xs[i], self.gs, width, layout, tile), self.count, replays
+        )
+
+    def time_copy_us(self, replays: int) -> float:
+        return time_per_call_us(lambda i: self.xs[i].clone(), self.count, replays)
+
+    def padded_bytes(self, padded_n: int, layout: str) -> int:
+        """Bytes the padded quant reads and writes: x, the packed values and the scales."""
+        rows, cols = scale_shape(self.m, padded_n, layout)
+        return self.bytes + self.m * padded_n // 2 + rows * cols
+
+
 def measure(m: int, n: int, layout: str, tile: TileShape | None, replays: int) -> dict[str, Any]:
     padded_n = round_up(n, 32)
-    input_bytes = m * n * 2
-    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
-    n_inputs = max(2, min(512, math.ceil(2 * l2_bytes / input_bytes)))
-    xs = [torch.randn(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(n_inputs)]
-    gs = (448.0 * 6.0 / xs[0].float().abs().amax()).reshape(1)
+    inputs = Inputs(m, n)
+    xs, gs, n_inputs, input_bytes = inputs.xs, inputs.gs, inputs.count, inputs.bytes
 
     def quant(i: int, width: int | None):
         return launch_nvfp4_quant(xs[i], gs, width, layout, tile)
@@ -89,16 +124,14 @@ def measure(m: int, n: int, layout: str, tile: TileShape | None, replays: int) -
         return packed, scales
 
     times = {
-        "quant_us": time_per_call_us(lambda i: quant(i, None), n_inputs, replays),
-        "padded_us": time_per_call_us(lambda i: quant(i, padded_n), n_inputs, replays),
-        "copy_us": time_per_call_us(lambda i: xs[i].clone(), n_inputs, replays),
+        "quant_us": inputs.time_quant_us(None, layout, tile, replays),
+        "padded_us": inputs.time_quant_us(padded_n, layout, tile, replays),
+        "copy_us": inputs.time_copy_us(replays),
     }
     needs_pad = padded_n != n
     times["quant_pad_us"] = time_per_call_us(quant_then_pad, n_inputs, replays) if needs_pad else None
 
-    rows, cols = scale_shape(m, padded_n, layout)
-    padded_bytes = input_bytes + m * padded_n // 2 + rows * cols
-    padded_gbps = padded_bytes / times["padded_us"] / 1e3
+    padded_gbps = inputs.padded_bytes(padded_n, layout) / times["padded_us"] / 1e3
     copy_gbps = 2 * input_bytes / times["copy_us"] / 1e3
     return {
         "M": m,
@@ -181,6 +214,63 @@ def plot(rows: list[dict[str, Any]], title: str, path: str) -> None:
     plt.close(fig)
 
 
+SWEEP_M = (1024, 8192)
+SWEEP_N = (7152, 14336)
+def tile_label(tile: TileShape | None, m: int, cols: int) -> str:
+    chosen = tile or default_tile(m, cols, torch.cuda.get_device_properties(0).multi_processor_count)
+    text = f"{chosen.block_m}x{chosen.block_k}/{chosen.num_warps}w"
+    return f"default ({text})" if tile is None else text
+
+
+def sweep(layout: str, replays: int) -> list[dict[str, Any]]:
+    """Every candidate tile (and the default) on every sweep shape."""
+    results = []
+    for n in SWEEP_N:
+        for m in SWEEP_M:
+            inputs = Inputs(m, n)
+            padded_n = round_up(n, 32)
+            copy_us = inputs.time_copy_us(replays)
+            copy_gbps = 2 * inputs.bytes / copy_us / 1e3
+            cols = scale_shape(m, padded_n, layout)[1] * 16
+            for tile in (None, *CANDIDATE_TILES):
+                quant_us = inputs.time_quant_us(None, layout, tile, replays)
+                padded_us = inputs.time_quant_us(padded_n, layout, tile, replays)
+                padded_gbps = inputs.padded_bytes(padded_n, layout) / padded_us / 1e3
+                results.append({
+                    "M": m, "N": n, "padded_n": padded_n, "layout": layout, "tile": tile_label(tile, m, cols),
+                    "quant_us": quant_us, "padded_us": padded_us, "copy_us": copy_us,
+                    "padding_overhead": padded_us / quant_us, "padded_gbps": padded_gbps, "copy_gbps": copy_gbps,
+                    "fraction_of_copy": padded_gbps / copy_gbps,
+                })
+            del inputs
+    return results
+
+
+def format_sweep(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for n in SWEEP_N:
+        for m in SWEEP_M:
+            rows = sorted((r for r in results if r["M"] == m and r["N"] == n), key=lambda r: -r["fraction_of_copy"])
+            lines.append(f"M={m} N={n} (padded_n={rows[0]['padded_n']}, copy {rows[0]['copy_us']:.2f} us)")
+            lines.append(f"  {'rank':>4} | {'tile':>22} | {'padded us':>10} | {'of copy':>8} | {'padded/quant':>12}")
+            for rank, r in enumerate(rows, 1):
+                lines.append(f"  {rank:>4} | {r['tile']:>22} | {r['padded_us']:>10.2f} | "
+                             f"{100 * r['fraction_of_copy']:>7.1f}% | {r['padding_overhead']:>11.3f}x")
+    # Across shapes: a tile is as good as its worst shape. The default's tile differs by shape; it is one entry.
+    by_tile: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_tile.setdefault(r["tile"].split(" (")[0], []).append(r)
+    ranked = sorted(by_tile.items(), key=lambda item: -min(r["fraction_of_copy"] for r in item[1]))
+    lines.append("all shapes, ranked by the worst shape's % of copy bandwidth")
+    lines.append(f"  {'rank':>4} | {'tile':>22} | {'worst of copy':>13} | {'mean of copy':>12} | {'worst padded/quant':>18}")
+    for rank, (label, rows) in enumerate(ranked, 1):
+        worst = min(r["fraction_of_copy"] for r in rows)
+        mean = statistics.mean(r["fraction_of_copy"] for r in rows)
+        overhead = max(r["padding_overhead"] for r in rows)
+        lines.append(f"  {rank:>4} | {label:>22} | {100 * worst:>12.1f}% | {100 * mean:>11.1f}% | {overhead:>17.3f}x")
+    return "\n".join(lines)
+
+
 def parse_tile(text: str | None) -> TileShape | None:
     if text is None:
         return None
@@ -194,9 +284,22 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT") or "./bench_out")
     parser.add_argument("--layout", choices=("swizzled", "linear"), default="swizzled")
     parser.add_argument("--tile", help="BLOCK_M,BLOCK_K,NUM_WARPS instead of the kernel's default tile")
+    parser.add_argument("--sweep", action="store_true", help="rank CANDIDATE_TILES at M >= 1024 (under a minute)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_nvfp4_quant needs a CUDA GPU")
+    os.makedirs(args.out, exist_ok=True)
+
+    if args.sweep:
+        title = header(args.layout, None) + " | tile sweep"
+        results = sweep(args.layout, replays=10)
+        print(title)
+        print(format_sweep(results))
+        json_path = os.path.join(args.out, "bench_nvfp4_quant_sweep.json")
+        with open(json_path, "w") as f:
+            json.dump({"title": title, "rows": results}, f, indent=2)
+        print(f"wrote {json_path}")
+        return
 
     tile = parse_tile(args.tile)
     m_values, n_values = (QUICK_M, QUICK_N) if args.quick else (M_VALUES, N_VALUES)
@@ -209,7 +312,6 @@ def main() -> None:
     for line in summary(rows):
         print(line)
 
-    os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "bench_nvfp4_quant.json")
     with open(json_path, "w") as f:
         json.dump({"title": title, "rows": rows, "summary": summary(rows)}, f, indent=2)

@@ -251,7 +251,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--gemm", choices=("scaled_mm", "bmm_fp8"), default="scaled_mm")
     parser.add_argument("--cudagraphs", action="store_true",
-                        help="replay each compiled forward as a CUDA graph (no host launch overhead)")
+                        help="replay each compiled forward as a CUDA graph (no host launch overhead); "
+                        "fails once AsyncTP fuses (a known bug, docs/benchmarks.md)")
     parser.add_argument("--iters", type=int, default=40, help="timed calls at 1024 tokens (fewer for more tokens)")
     parser.add_argument("--quick", action="store_true", help="a 20-second smoke run: 2 token counts, 1 layer")
     parser.add_argument("--out", default=os.environ.get("OUT") or "bench_out")

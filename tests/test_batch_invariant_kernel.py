@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import inspect
 import re
+from dataclasses import replace
 
 import pytest
 import torch
 
 from fusionpasses.kernels import KernelInputError
 from fusionpasses.kernels.batch_invariant_fp8_gemm import (
+    INTERPRETER_PROGRAMS,
+    TILE_RULES,
     WGMMA_M,
     TileConfig,
     batch_invariant_fp8_gemm_triton,
@@ -186,6 +189,67 @@ def test_order_sensitive_needle_detects_a_different_k_order():
         assert not torch.equal(other, chosen), f"block_k={block_k} gave the same bits: the needle is too blunt"
 
 
+# ---- structural variants: the same bits, whatever the schedule and the store ---------------------
+
+# The interpreter runs each program in turn and ignores warp specialization and loop flattening:
+# here the variants check their indexing (persistent tile loop, 3-D TMA store clipping at M and N,
+# epilogue slices); the sm90 compile check below checks that they compile, the GPU tests their bits.
+BASE = TileConfig(64, 64, 128, group_m=2, num_warps=4, num_stages=2)
+VARIANTS = {
+    "persistent": replace(BASE, persistent=True),
+    "ws": replace(BASE, warp_specialize=True),
+    "tma-store": replace(BASE, tma_store=True),
+    "persistent+ws+tma-store": replace(BASE, persistent=True, warp_specialize=True, tma_store=True),
+    "persistent+tma-store/2": replace(BASE, persistent=True, tma_store=True, epilogue_subtiles=2),
+}
+# (batch, M, K, N): one tile; 3 x 3 tiles, so each of the interpreter's persistent programs loops
+# over three, with rows and columns past M and N; 4 batches of a part-filled tile each.
+VARIANT_SHAPES = [((), 1, 48, 80), ((), 130, 256, 144), ((4,), 20, 64, 48)]
+
+
+@pytest.mark.parametrize("shape", VARIANT_SHAPES, ids=lambda s: "x".join(map(str, (*s[0], *s[1:]))))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_matches_reference_exactly(variant, shape):
+    batch, M, K, N = shape
+    assert 130 // BASE.block_m * (144 // BASE.block_n) > INTERPRETER_PROGRAMS
+    g = torch.Generator().manual_seed(M + K + N)
+    A = small_ints(*batch, M, K, generator=g)
+    B = small_ints(*batch, N, K, generator=g).transpose(-1, -2)
+    A_scale, B_scale = scales_for("token_channel", batch, M, N, g)
+    bias = torch.randn(N, generator=g).to(torch.bfloat16)
+    out = batch_invariant_fp8_gemm_triton(A, B, A_scale, B_scale, bias, torch.float16, config=VARIANTS[variant])
+    assert out.shape == (*batch, M, N)
+    assert_matches_reference(out, reference_batch_invariant_fp8_gemm(A, B, A_scale, B_scale, bias, torch.float16))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_needle_keeps_the_default_variants_bits(variant):
+    """A row alone and placed first in batches of 1..130 gets the bits the default schedule gives it
+    (an order-sensitive needle: any other K order would show), and exact rows keep their value
+    first or last."""
+    g = torch.Generator().manual_seed(7)
+    K, N = 256, 48
+    cfg = VARIANTS[variant]
+    needle, filler = order_sensitive_row(K, g), (torch.randn(129, K, generator=g) * 2).to(FP8)
+    B = order_sensitive_weight(N, K, g).t()
+    B_scale = torch.rand(1, N, generator=g) + 0.5
+    needle_scale, filler_scale = torch.tensor([[0.37]]), torch.rand(129, 1, generator=g) + 0.5
+    expected = batch_invariant_fp8_gemm_triton(needle, B, needle_scale, B_scale, None, torch.float16, config=BASE)[0]
+    for batch in (1, 17, 65, 130):
+        A = batches_with_needle(needle, filler, batch, "first")
+        A_scale = torch.cat([needle_scale, filler_scale[: batch - 1]])
+        out = batch_invariant_fp8_gemm_triton(A, B, A_scale, B_scale, None, torch.float16, config=cfg)
+        torch.testing.assert_close(out[0], expected, rtol=0, atol=0, msg=f"batch {batch}")
+    exact_needle, exact_filler = small_ints(1, K, generator=g), small_ints(129, K, generator=g)
+    exact_B = small_ints(N, K, generator=g).t()
+    alone = batch_invariant_fp8_gemm_triton(exact_needle, exact_B, needle_scale, B_scale, None, torch.float16, config=cfg)
+    for batch in (17, 130):
+        A = batches_with_needle(exact_needle, exact_filler, batch, "last")
+        A_scale = torch.cat([filler_scale[: batch - 1], needle_scale])
+        out = batch_invariant_fp8_gemm_triton(A, exact_B, A_scale, B_scale, None, torch.float16, config=cfg)
+        torch.testing.assert_close(out[-1], alone[0], rtol=0, atol=0, msg=f"needle last, batch {batch}")
+
+
 def test_launcher_copies_layouts_tma_cannot_read():
     g = torch.Generator().manual_seed(4)
     M, K, N = 9, 64, 32
@@ -291,6 +355,9 @@ def test_tile_config_is_a_function_of_n_and_k_only():
         ((128, 64, 128, 8, 4, 3), "a warpgroup"),
         ((64, 64, 128, 8, 6, 3), "num_warps must be 4 or 8"),
         ((64, 64, 128, 0, 4, 3), "must be positive"),
+        ((64, 64, 128, 8, 4, 3, False, False, True, 3), "epilogue_subtiles must be 1 or 2"),
+        ((64, 16, 128, 8, 4, 3, False, False, True, 2), "slices >= 16 columns"),
+        ((64, 64, 128, 8, 4, 3, True, False, False, 2), "needs tma_store=True"),
     ],
 )
 def test_tile_config_rejects_shapes_the_kernel_cannot_take(fields, message):
@@ -298,49 +365,80 @@ def test_tile_config_rejects_shapes_the_kernel_cannot_take(fields, message):
         TileConfig(*fields)
 
 
+def test_tile_config_follows_the_first_matching_rule():
+    for N, K in ((2048, 7168), (4096, 4096), (14336, 4096), (16, 16)):
+        rule = next(r for r in TILE_RULES if N >= r.min_n and K >= r.min_k)
+        expected = replace(rule.config, num_stages=min(rule.config.num_stages, max(2, K // rule.config.block_k)))
+        assert tile_config(N, K) == expected
+    # The last rule takes every weight: no (N, K) is left without a config.
+    assert (TILE_RULES[-1].min_n, TILE_RULES[-1].min_k) == (0, 0)
+
+
 # ---- the sm90 compile, checked without a GPU ------------------------------------------------------
 
 # A fresh process: this one runs Triton's interpreter (TRITON_INTERPRET=1), the compiler needs it off.
 _COMPILE_FOR_SM90 = """
 import json, re, sys
+from dataclasses import replace
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fusionpasses.kernels import batch_invariant_fp8_gemm as bi
 
+
+def compile_for_sm90(cfg, fast):
+    slice_n = cfg.block_n // cfg.epilogue_subtiles
+    signature = {
+        "a_desc": f"tensordesc<fp8e4nv[{cfg.block_m}, {cfg.block_k}]>",
+        "b_desc": f"tensordesc<fp8e4nv[{cfg.block_n}, {cfg.block_k}]>",
+        "out_ptr": "*bf16",
+        "out_desc": f"tensordesc<bf16[1, {cfg.block_m}, {slice_n}]>" if cfg.tma_store else "*bf16",
+        "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32", "bias_ptr": "*bf16",
+        "M": "i32", "N": "i32", "K": "i32", **({"BATCH": "i32"} if cfg.persistent else {}),
+    }
+    constexprs = {"A_PER_ROW": True, "B_PER_COL": True, "HAS_BIAS": True, "FAST_ACCUM": fast,
+                  "OUT_DTYPE": tl.bfloat16, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+                  "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "WARP_SPECIALIZE": cfg.warp_specialize,
+                  "TMA_STORE": cfg.tma_store, "SUBTILES": cfg.epilogue_subtiles,
+                  **({"NUM_SMS": 132} if cfg.persistent else {})}
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    kernel = bi._persistent_kernel if cfg.persistent else bi._kernel
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options=bi.launch_options(cfg))
+    ptx = compiled.asm["ptx"]
+    return {
+        "tma": "cp.async.bulk.tensor" in ptx,
+        "tma_store": "cp.async.bulk.tensor.3d.global.shared" in ptx,
+        "wgmma": sorted(set(re.findall(r"wgmma\\.mma_async\\.sync\\.aligned\\.(m\\d+n\\d+k\\d+)\\.f32\\.e4m3\\.e4m3", ptx))),
+        "f32_adds": ptx.count("add.rn.f32"), "f32_fmas": ptx.count("fma.rn.f32"),
+        "shared": compiled.metadata.shared, "block_n": cfg.block_n,
+        "warpgroups_along_n": cfg.num_warps * 64 // (4 * cfg.block_m),
+    }
+
+
 results = {}
 for N, K in json.loads(sys.argv[1]):
     cfg = bi.tile_config(N, K)
     for fast in (False, True):
-        signature = {
-            "a_desc": f"tensordesc<fp8e4nv[{cfg.block_m}, {cfg.block_k}]>",
-            "b_desc": f"tensordesc<fp8e4nv[{cfg.block_n}, {cfg.block_k}]>",
-            "out_ptr": "*bf16", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32", "bias_ptr": "*bf16",
-            "M": "i32", "N": "i32", "K": "i32",
-            **dict.fromkeys(("A_PER_ROW", "B_PER_COL", "HAS_BIAS", "FAST_ACCUM", "OUT_DTYPE", "BLOCK_M", "BLOCK_N",
-                             "BLOCK_K", "GROUP_M"), "constexpr"),
-        }
-        constexprs = {"A_PER_ROW": True, "B_PER_COL": True, "HAS_BIAS": True, "FAST_ACCUM": fast,
-                      "OUT_DTYPE": tl.bfloat16, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-                      "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m}
-        compiled = triton.compile(ASTSource(fn=bi._kernel, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32), options=bi.launch_options(cfg))
-        ptx = compiled.asm["ptx"]
-        results[f"N={N} K={K} fast={fast}"] = {
-            "tma": "cp.async.bulk.tensor" in ptx,
-            "wgmma": sorted(set(re.findall(r"wgmma\\.mma_async\\.sync\\.aligned\\.(m\\d+n\\d+k\\d+)\\.f32\\.e4m3\\.e4m3", ptx))),
-            "f32_adds": ptx.count("add.rn.f32"), "f32_fmas": ptx.count("fma.rn.f32"),
-            "shared": compiled.metadata.shared, "block_n": cfg.block_n, "warpgroups_along_n": cfg.num_warps * 64 // (4 * cfg.block_m),
-        }
+        results[f"N={N} K={K} fast={fast}"] = {**compile_for_sm90(cfg, fast), "expect_tma_store": cfg.tma_store}
+# Every structural flag once, on the two warp counts.
+small, wide = bi.TileConfig(64, 128, 128, 8, 4, 4), bi.TileConfig(128, 128, 128, 8, 8, 4)
+variants = {"persistent+ws": replace(small, persistent=True, warp_specialize=True),
+            "ws+tma-store": replace(small, warp_specialize=True, tma_store=True),
+            "persistent+tma-store/2": replace(wide, persistent=True, tma_store=True, epilogue_subtiles=2)}
+for name, cfg in variants.items():
+    for fast in (False, True):
+        results[f"variant {name} fast={fast}"] = {**compile_for_sm90(cfg, fast), "expect_tma_store": cfg.tma_store}
 print(json.dumps(results))
 """
 
 
 def test_kernel_compiles_for_hopper():
-    """Triton compiles each tile_config class for sm90 ahead of time (no device needed): TMA loads,
-    one e4m3 wgmma shape per config, shared memory within the 227 KiB, fp32 promotion adds only when
-    not fast-accumulating, and no FMA contraction."""
+    """Triton compiles each tile_config class and each structural variant for sm90 ahead of time (no
+    device needed; this Triton, which may be newer than the GPU machines'): TMA loads, one e4m3 wgmma
+    shape per config, shared memory within the 227 KiB, fp32 promotion adds only when not
+    fast-accumulating, a TMA store only where asked for, and no FMA contraction."""
     import json
     import os
     import subprocess
@@ -359,14 +457,17 @@ def test_kernel_compiles_for_hopper():
     )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 2 * len(shapes)
+    assert len(results) == 2 * len(shapes) + 6
     for name, r in results.items():
         instruction_n = r["block_n"] // r["warpgroups_along_n"]
         assert r["tma"] and r["wgmma"] == [f"m64n{instruction_n}k32"], f"{name}: {r}"
         assert r["shared"] <= 227 * 1024, f"{name}: {r}"
         # The bias add follows the scale multiply: contracted into an FMA unless fusion is off.
         assert r["f32_fmas"] == 0, f"{name}: {r}"
-    for N, K in shapes:
-        # Both variants add the bias; only the precise one also adds each K tile's partial sums.
-        precise, fast = results[f"N={N} K={K} fast=False"], results[f"N={N} K={K} fast=True"]
-        assert precise["f32_adds"] > fast["f32_adds"], (precise, fast)
+        assert r["tma_store"] == r.get("expect_tma_store", False), f"{name}: {r}"
+    configs = [f"N={N} K={K}" for N, K in shapes] + sorted({k.rsplit(" fast=", 1)[0] for k in results if k.startswith("variant")})
+    for config in configs:
+        # Both add the bias; only the precise one also adds each K tile's partial sums (the fp32
+        # promotion, which must survive warp specialization and the persistent loop).
+        precise, fast = results[f"{config} fast=False"], results[f"{config} fast=True"]
+        assert precise["f32_adds"] > fast["f32_adds"], (config, precise, fast)

@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch._dynamo.testing
 import triton
-
 from fusionpasses.kernels import block_fp8_gemm as bf
 from fusionpasses.kernels.library import KernelInputError
 
@@ -41,27 +40,58 @@ def random_operands(M: int, N: int, K: int, scale_row_stride: int | None = None,
     return A, B, A_scale_t, B_scale
 
 
-def config(block_m: int, block_n: int, group_m: int = 8, split_k: int = 1) -> dict[str, int]:
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": group_m, "SPLIT_K": split_k, "num_warps": 4,
-            "num_stages": 2}
+def config(block_m: int, block_n: int, group_m: int = 8, split_k: int = 1, **overrides) -> dict[str, int]:
+    """A full launch config: the default rule's scale loading, small stages (the interpreter ignores them)."""
+    base = bf.launch_config(block_m, block_n, 128, 132)
+    base.update(BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=group_m, SPLIT_K=split_k, num_warps=4, num_stages=2)
+    base.update(overrides)
+    return base
 
 
-# (M, N, K, scale row stride, tile config): M of 1 and odd M through padded scale rows, N not a
-# multiple of the tile, several K groups, every tile shape the heuristic can pick, grouped order,
-# split-K with splits of unequal length.
-KERNEL_CASES = [
-    pytest.param(1, 8, 128, 4, None, id="M1-N8-rowpad"),
-    pytest.param(3, 200, 256, 4, config(64, 64), id="M3-N200-64x64"),
-    pytest.param(4, 16, 128, None, None, id="M4-N16"),
-    pytest.param(65, 72, 384, 68, config(128, 64), id="M65-N72-128x64"),
-    pytest.param(130, 136, 256, 132, config(128, 128, group_m=2), id="M130-N136-128x128-group2"),
-    pytest.param(200, 264, 128, None, config(64, 128, group_m=2), id="M200-N264-64x128-group2"),
-    pytest.param(5, 72, 640, 8, config(64, 64, split_k=2), id="M5-N72-K640-split2"),
-    pytest.param(68, 136, 1024, None, config(128, 64, split_k=4), id="M68-N136-K1024-split4"),
+# Every compile-time variant the sweep can pick. The interpreter ignores warp_specialize (it runs the
+# loop as written), so "ws" checks only that the flag leaves the result alone.
+VARIANTS = {
+    "tma": {"SCALE_LOAD": bf.SCALE_TMA},
+    "chunk8": {"SCALE_LOAD": bf.SCALE_TMA_CHUNK, "SCALE_CHUNK": 8},
+    "chunk2": {"SCALE_LOAD": bf.SCALE_TMA_CHUNK, "SCALE_CHUNK": 2},  # chunks end inside K
+    "ptr": {"SCALE_LOAD": bf.SCALE_PTR},
+    "ws": {"WARP_SPECIALIZE": True},
+}
+
+# (M, N, K, scale row stride, tile): M of 1 and odd M through padded scale rows, M on both sides of
+# the 128 tile, N not a multiple of 128 (nor of the tile), one and three K groups.
+SHAPES = [
+    (1, 8, 128, 4, (64, 64)),
+    (3, 200, 384, 4, (64, 64)),
+    (4, 136, 128, None, (64, 128)),
+    (5, 72, 384, 8, (128, 64)),
+    (127, 264, 384, 128, (128, 128)),
+    (129, 200, 128, 132, (64, 128)),
 ]
 
 
-@pytest.mark.parametrize("M,N,K,row_stride,cfg", KERNEL_CASES)
+def _kernel_cases():
+    cases = []
+    for name, variant in VARIANTS.items():
+        for M, N, K, stride, (bm, bn) in SHAPES:
+            cfg = config(bm, bn, group_m=2, **variant)
+            cases.append(pytest.param(M, N, K, stride, cfg, id=f"{name}-M{M}-N{N}-K{K}"))
+    # 256-wide tiles span two weight blocks: per-column weight scales.
+    for name in ("chunk8", "ptr"):
+        for M, N, K, stride, bm in ((3, 264, 384, 4, 64), (129, 520, 128, 132, 128), (4, 200, 256, None, 64)):
+            cfg = config(bm, 256, **VARIANTS[name])
+            cases.append(pytest.param(M, N, K, stride, cfg, id=f"{name}-256-M{M}-N{N}-K{K}"))
+    # Split-K with splits of unequal length, and chunks that straddle split boundaries.
+    for name in ("tma", "chunk2", "chunk8", "ptr"):
+        cfg2 = config(64, 64, split_k=2, **VARIANTS[name])
+        cfg4 = config(128, 64, split_k=4, **VARIANTS[name])
+        cases.append(pytest.param(5, 72, 640, 8, cfg2, id=f"{name}-split2-K640"))
+        cases.append(pytest.param(68, 136, 1024, None, cfg4, id=f"{name}-split4-K1024"))
+    cases.append(pytest.param(4, 16, 128, None, None, id="default-M4-N16"))
+    return cases
+
+
+@pytest.mark.parametrize("M,N,K,row_stride,cfg", _kernel_cases())
 def test_kernel_matches_reference_bit_for_bit(M, N, K, row_stride, cfg):
     A, B, A_scale_t, B_scale = exact_operands(M, N, K, row_stride)
     out = torch.full((M, N), float("nan"), dtype=torch.float16)
@@ -79,6 +109,22 @@ def test_kernel_bf16_random_within_one_ulp(M, N, K, row_stride):
     torch.testing.assert_close(out, ref, rtol=2**-7, atol=1e-3)
 
 
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"SPLIT_K": 8}, "leaves a split without K groups"),  # 5 groups: 4 splits of 1, then nothing
+        ({"SCALE_CHUNK": 3}, "power of two"),
+        ({"SCALE_LOAD": 7}, "unknown SCALE_LOAD"),
+        ({"BLOCK_N": 96}, "unsupported tile"),
+    ],
+)
+def test_launch_rejects_bad_configs(overrides, message):
+    A, B, A_scale_t, B_scale = exact_operands(4, 16, 640)
+    out = torch.empty(4, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=message):
+        bf.launch_block_fp8_mm(A, B, A_scale_t, B_scale, out, config(64, 64, **overrides))
+
+
 def test_launch_config_fills_the_gpu_before_growing_tiles():
     decode = bf.launch_config(1, 2048, 7168, 132)
     assert (decode["BLOCK_M"], decode["BLOCK_N"], decode["SPLIT_K"]) == (64, 64, 4)  # 32 tiles x 4 splits
@@ -87,6 +133,17 @@ def test_launch_config_fills_the_gpu_before_growing_tiles():
     assert bf.launch_config(1, 256, 512, 132)["SPLIT_K"] == 1  # 4 K groups: nothing to split
     large = bf.launch_config(16384, 18432, 7168, 132)
     assert (large["BLOCK_M"], large["BLOCK_N"], large["SPLIT_K"], large["num_warps"]) == (128, 128, 1, 8)
+
+
+def test_launch_config_rules_and_overrides():
+    first, last = bf.LAUNCH_RULES[0], bf.LAUNCH_RULES[-1]
+    assert bf.launch_config(first.max_m, 7168, 2048, 132)["BLOCK_M"] == first.BLOCK_M
+    assert bf.launch_config(first.max_m + 1, 7168, 2048, 132)["SCALE_LOAD"] == last.SCALE_LOAD
+    # A tile override is applied before split-K is chosen and is not shrunk to fill the GPU.
+    wide = bf.launch_config(1, 2048, 7168, 132, BLOCK_N=256)
+    assert (wide["BLOCK_N"], wide["SPLIT_K"]) == (256, 8)  # 8 tiles: split into 8 (the cap)
+    assert bf.launch_config(1, 2048, 7168, 132, SPLIT_K=1, SCALE_LOAD=bf.SCALE_PTR)["SPLIT_K"] == 1
+    assert bf.launch_config(1, 2048, 7168, 132, SCALE_LOAD=bf.SCALE_PTR)["SCALE_LOAD"] == bf.SCALE_PTR
 
 
 def test_quantizers_round_trip():
@@ -209,23 +266,34 @@ from triton.compiler import ASTSource
 from fusionpasses.kernels import block_fp8_gemm as bf
 
 results = {}
-# Every tile shape unsplit, and split-K on the tiles the launcher pairs it with (few tiles: small M).
-for block_m, block_n, split_k in [(64, 64, 1), (64, 128, 1), (128, 64, 1), (128, 128, 1), (64, 64, 4), (128, 64, 4)]:
-    out = f"tensordesc<bf16[{block_m}, {block_n}]>" if split_k == 1 else f"tensordesc<fp32[1, {block_m}, {block_n}]>"
+# What the launch rules pick for the issue's grid (tiles, split-K) with the default scale loading,
+# then the other scale loadings and a 256-wide tile on 128x128.
+cases = [bf.launch_config(M, N, K, 132) for M, N, K in
+         [(1, 2048, 7168), (64, 7168, 2048), (128, 2048, 7168), (128, 18432, 7168), (16384, 18432, 7168)]]
+big = bf.launch_config(16384, 18432, 7168, 132)
+cases += [dict(big, SCALE_LOAD=bf.SCALE_TMA), dict(big, SCALE_LOAD=bf.SCALE_PTR),
+          dict(big, BLOCK_N=256, SCALE_LOAD=bf.SCALE_PTR, num_stages=3)]
+for index, cfg in enumerate(cases):
+    bm, bn, split_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"]
+    scale_rows = cfg["SCALE_CHUNK"] if cfg["SCALE_LOAD"] == bf.SCALE_TMA_CHUNK else 1
+    out = f"tensordesc<bf16[{bm}, {bn}]>" if split_k == 1 else f"tensordesc<fp32[1, {bm}, {bn}]>"
     signature = {
-        "a_desc": f"tensordesc<fp8e4nv[{block_m}, 128]>", "b_desc": f"tensordesc<fp8e4nv[{block_n}, 128]>",
-        "a_scale_desc": f"tensordesc<fp32[1, {block_m}]>", "b_scale_ptr": "*fp32", "c_desc": out,
-        "M": "i32", "N": "i32", "K": "i32",
-        **dict.fromkeys(("BLOCK_M", "BLOCK_N", "GROUP_M", "SPLIT_K"), "constexpr"),
+        "a_desc": f"tensordesc<fp8e4nv[{bm}, 128]>", "b_desc": f"tensordesc<fp8e4nv[{bn}, 128]>",
+        "a_scale_desc": f"tensordesc<fp32[{scale_rows}, {bm}]>", "a_scale_ptr": "*fp32", "a_scale_row_stride": "i32",
+        "b_scale_ptr": "*fp32", "c_desc": out, "M": "i32", "N": "i32", "K": "i32",
+        **dict.fromkeys(("BLOCK_M", "BLOCK_N", "GROUP_M", "SPLIT_K", "SCALE_LOAD", "SCALE_CHUNK", "WARP_SPECIALIZE"),
+                        "constexpr"),
     }
-    constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": 8, "SPLIT_K": split_k}
+    constexprs = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "GROUP_M", "SPLIT_K", "SCALE_LOAD", "SCALE_CHUNK")}
+    constexprs["WARP_SPECIALIZE"] = bool(cfg["WARP_SPECIALIZE"])
     compiled = triton.compile(
         ASTSource(fn=bf._block_fp8_mm_kernel, signature=signature, constexprs=constexprs),
         target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": 8 if block_m * block_n >= 128 * 128 else 4, "num_stages": 4},
+        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
     )
     ptx = compiled.asm["ptx"]
-    results[f"{block_m}x{block_n}/split{split_k}"] = {
+    name = f"{index}: {bm}x{bn}/split{split_k}/scale{cfg['SCALE_LOAD']}/stages{cfg['num_stages']}"
+    results[name] = {
         "tma": "cp.async.bulk.tensor" in ptx, "fp8_wgmma": "wgmma.mma_async" in ptx and "e4m3.e4m3" in ptx,
         "shared": compiled.metadata.shared,
     }
@@ -250,7 +318,7 @@ def test_kernel_compiles_for_hopper():
     )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 6
+    assert len(results) == 8
     for name, result in results.items():
         assert result["tma"] and result["fp8_wgmma"], f"{name}: {result}"
         assert result["shared"] <= 227 * 1024, f"{name}: {result}"

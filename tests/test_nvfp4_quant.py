@@ -18,6 +18,7 @@ from fusionpasses.kernels.nvfp4_quant import (
     reference_nvfp4_quant,
     swizzle_scales,
     unswizzle_scales,
+    word_loads_possible,
 )
 
 quant = torch.ops.fusionpasses.nvfp4_quant
@@ -252,11 +253,47 @@ def test_kernel_rounds_scale_ties_and_subnormal_scales_like_the_reference(global
 
 
 def test_default_tile_shrinks_rows_per_program_until_the_gpu_is_full():
-    assert default_tile(8192, 7168) == TileShape(32, 256, 8)
-    assert default_tile(1024, 7168) == TileShape(32, 256, 8)  # 896 programs
-    assert default_tile(128, 7168) == TileShape(4, 256, 4)  # 896 programs; 8 rows would give 448 < 4 * 132
-    assert default_tile(16, 7168) == TileShape(1, 256, 1)
+    assert default_tile(8192, 7168) == TileShape(4, 1024, 4)  # 8 KiB of bf16 per program
+    assert default_tile(1024, 7168) == TileShape(4, 1024, 4)  # 1792 programs
+    assert default_tile(128, 7168) == TileShape(1, 1024, 1)  # 896 programs; 2 rows would give 448 < 4 * 132
+    assert default_tile(16, 7168) == TileShape(1, 1024, 1)
     assert default_tile(1, 48) == TileShape(1, 64, 1)
+
+
+# The kernel reads x as 32-bit words (two elements) where rows are 4-byte aligned, else as 2-byte elements:
+# (M, N, row stride, first column of x in its buffer, padded_n, dtype, word loads expected).
+ROW_LAYOUT_CASES = [
+    (129, 7152, 7152, 0, 7168, BF16, True),
+    (129, 7152, 7152, 0, 7168, FP16, True),
+    (9, 96, 113, 0, 128, BF16, False),  # odd row stride
+    (9, 96, 113, 0, None, FP16, False),
+    (6, 64, 98, 1, 96, BF16, False),  # even stride, base 2 bytes past a word
+    (6, 64, 98, 1, 96, FP16, False),
+    (5, 48, 70, 6, 64, FP16, True),  # strided rows starting on a word
+    (1, 16, 16, 0, 32, BF16, True),
+    (1, 32, 33, 0, None, FP16, True),  # one row: its stride is never used
+    (1, 32, 33, 1, 64, BF16, False),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(
+    "m,n,stride,first_col,padded_n,dtype,word_loads",
+    ROW_LAYOUT_CASES,
+    ids=[f"{c[0]}x{c[1]}-stride{c[2]}+{c[3]}-{str(c[5])[6:]}" for c in ROW_LAYOUT_CASES],
+)
+def test_kernel_reads_any_row_alignment_bit_identically(m, n, stride, first_col, padded_n, dtype, word_loads, layout):
+    buffer = random_input(m, stride, dtype, seed=stride + first_col)
+    x = buffer[:, first_col : first_col + n]
+    assert x.stride() == (stride, 1)
+    assert word_loads_possible(x) == word_loads
+    gs = global_scale_of(x)
+    # Small tiles (programs meet inside x) where the interpreter can afford them; the default for one row.
+    tile = None if m == 1 else TileShape(32, 2048, 4) if n > 1024 else TileShape(4, 64, 2)
+    packed, scales = launch_nvfp4_quant(x, gs, padded_n, layout, tile)
+    ref_packed, ref_scales = reference_nvfp4_quant(x, gs, padded_n, layout)
+    assert torch.equal(packed, ref_packed)
+    assert torch.equal(as_bytes(scales), as_bytes(ref_scales))
 
 
 # ---------------------------------------------------------------------------------------------

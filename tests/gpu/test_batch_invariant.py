@@ -12,14 +12,19 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 
 import fusionpasses
 from fusionpasses import FusionConfig, PassManager
-from fusionpasses.kernels.batch_invariant_fp8_gemm import reference_batch_invariant_fp8_gemm
+from fusionpasses.kernels.batch_invariant_fp8_gemm import (
+    TileConfig,
+    batch_invariant_fp8_gemm_triton,
+    reference_batch_invariant_fp8_gemm,
+    tile_config,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -153,6 +158,72 @@ def test_batched_3d_needle_is_bitwise_batch_invariant():
         torch.testing.assert_close(run(torch.cat([rows, needle], 1))[:, -1], alone, rtol=0, atol=0)
         per_head = op(needle[2], weight[2].t(), torch.full((1, 1), 0.02, device="cuda"), w_scale, None, torch.bfloat16)
         torch.testing.assert_close(per_head[0], alone[2], rtol=0, atol=0)
+
+
+# ---- structural variants: persistent, warp-specialized, TMA-store epilogue --------------------
+
+STRUCTURAL_VARIANTS = {
+    "persistent": {"persistent": True},
+    "persistent+ws": {"persistent": True, "warp_specialize": True},
+    "ws": {"warp_specialize": True},
+    "persistent+tma-store": {"persistent": True, "tma_store": True},
+    "persistent+ws+tma-store/2": {"persistent": True, "warp_specialize": True, "tma_store": True, "epilogue_subtiles": 2},
+}
+
+
+def plain(cfg: TileConfig) -> TileConfig:
+    return replace(cfg, persistent=False, warp_specialize=False, tma_store=False, epilogue_subtiles=1)
+
+
+@pytest.mark.parametrize("N,K", [(2048, 7168), (4096, 4096), (14336, 1024)])
+@pytest.mark.parametrize("variant", sorted(STRUCTURAL_VARIANTS))
+@torch.inference_mode()
+def test_structural_variant_gives_the_plain_kernels_bits(variant, N, K):
+    """A scheduling or store variant of a tile shape computes every tile with the same instructions:
+    its output is the plain kernel's bit for bit, and a needle row keeps its bits across batch sizes
+    (first and last, the persistent schedule changing with M). Covers each tile_config class."""
+    torch.manual_seed(9)
+    cfg = replace(plain(tile_config(N, K)), **STRUCTURAL_VARIANTS[variant])
+    layer = FP8Linear.random(N, K, per_channel=True, bias=True, static_act=False, out_dtype=torch.bfloat16)
+
+    def run(x: torch.Tensor, config: TileConfig) -> torch.Tensor:
+        q, scale = layer.quantize(x)
+        return batch_invariant_fp8_gemm_triton(q, layer.weight.t(), scale, layer.weight_scale, layer.bias,
+                                               torch.bfloat16, config=config)
+
+    x = torch.randn(4097, K, device="cuda", dtype=torch.bfloat16)
+    try:
+        run(x[:1], cfg)
+    except Exception as error:  # only a compiler rejection is a skip (the sweep reports it too)
+        message = str(error)
+        if type(error).__module__.startswith("triton") or "PassManager" in message or "out of resource" in message.lower():
+            pytest.skip(f"{cfg} does not compile with this Triton: {message.splitlines()[0][:200] if message else ''}")
+        raise
+    for M in (1, 130, 4097):
+        torch.testing.assert_close(run(x[:M], cfg), run(x[:M], plain(cfg)), rtol=0, atol=0, msg=f"M={M}")
+    needle, filler = x[:1], x[1:]
+    alone = run(needle, cfg)[0]
+    for batch in (2, 17, 65, 130, 1000, 4097):
+        rows = filler[: batch - 1]
+        torch.testing.assert_close(run(torch.cat([needle, rows]), cfg)[0], alone, rtol=0, atol=0, msg=f"first, {batch}")
+        torch.testing.assert_close(run(torch.cat([rows, needle]), cfg)[-1], alone, rtol=0, atol=0, msg=f"last, {batch}")
+
+
+@torch.inference_mode()
+def test_structural_variants_on_batched_3d_inputs():
+    """bmm layout: the persistent loop walks tiles of every batch, and the TMA store clips each
+    batch at its own row M (a 2-D store would write into the next batch)."""
+    torch.manual_seed(10)
+    heads, M, K, N = 3, 70, 512, 192
+    A = (torch.randn(heads, M, K, device="cuda") * 4).to(FP8)
+    W = (torch.randn(heads, N, K, device="cuda") * 0.1).to(FP8)
+    A_scale, B_scale = torch.rand(heads, M, 1, device="cuda") + 0.5, torch.rand(heads, 1, N, device="cuda") + 0.5
+    base = plain(tile_config(N, K))
+    expected = batch_invariant_fp8_gemm_triton(A, W.transpose(1, 2), A_scale, B_scale, None, torch.float16, config=base)
+    for variant, flags in STRUCTURAL_VARIANTS.items():
+        out = batch_invariant_fp8_gemm_triton(A, W.transpose(1, 2), A_scale, B_scale, None, torch.float16,
+                                              config=replace(base, **flags))
+        torch.testing.assert_close(out, expected, rtol=0, atol=0, msg=variant)
 
 
 # ---- accuracy --------------------------------------------------------------------------------

@@ -13,8 +13,22 @@ import torch
 import torch.nn.functional as F
 
 from fusionpasses import FusionConfig, PassManager
-from fusionpasses.kernels.nvfp4_quant import reference_nvfp4_quant, unswizzle_scales
-from tests.test_nvfp4_quant import SEED_SHAPES, as_bytes, global_scale_of, round_up, scale_tie_input
+from fusionpasses.kernels.nvfp4_quant import (
+    CANDIDATE_TILES,
+    TileShape,
+    launch_nvfp4_quant,
+    reference_nvfp4_quant,
+    unswizzle_scales,
+    word_loads_possible,
+)
+from tests.test_nvfp4_quant import (
+    ROW_LAYOUT_CASES,
+    SEED_SHAPES,
+    as_bytes,
+    global_scale_of,
+    round_up,
+    scale_tie_input,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -31,8 +45,10 @@ def cuda_input(m: int, n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     return (torch.randn(m, n, generator=g, device="cuda") * scale).to(dtype)
 
 
-def assert_matches_cpu_reference(x: torch.Tensor, gs: torch.Tensor, padded_n: int | None, layout: str) -> None:
-    packed, scales = quant(x, gs, padded_n, layout)
+def assert_matches_cpu_reference(
+    x: torch.Tensor, gs: torch.Tensor, padded_n: int | None, layout: str, tile: TileShape | None = None
+) -> None:
+    packed, scales = launch_nvfp4_quant(x, gs, padded_n, layout, tile)
     ref_packed, ref_scales = reference_nvfp4_quant(x.cpu(), gs.cpu(), padded_n, layout)
     assert packed.shape == ref_packed.shape and scales.shape == ref_scales.shape
     mismatched = (packed.cpu() != ref_packed).sum().item()
@@ -40,7 +56,8 @@ def assert_matches_cpu_reference(x: torch.Tensor, gs: torch.Tensor, padded_n: in
     assert torch.equal(as_bytes(scales).cpu(), as_bytes(ref_scales))
 
 
-CASES = [(m, n, torch.bfloat16) for m, n in SHAPES] + [(m, n, torch.float16) for m, n in SEED_SHAPES]
+FP16_SHAPES = [*SEED_SHAPES, (1, 16), (129, 7152), (1024, 7152)]
+CASES = [(m, n, torch.bfloat16) for m, n in SHAPES] + [(m, n, torch.float16) for m, n in FP16_SHAPES]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -73,6 +90,27 @@ def test_padded_is_the_unpadded_result_plus_zeros(m, n):
     assert torch.equal(as_bytes(linear[:m, : n // 16]), as_bytes(unswizzle_scales(ref_scales, m, n // 16)))
     assert torch.count_nonzero(as_bytes(linear)[:, n // 16:]) == 0
     assert torch.count_nonzero(as_bytes(linear)[m:]) == 0
+
+
+@pytest.mark.parametrize("tile", CANDIDATE_TILES, ids=lambda t: f"{t.block_m}x{t.block_k}w{t.num_warps}")
+def test_every_candidate_tile_is_bit_identical(tile):
+    # Any of these may become the default after a sweep; odd M and a partial last K tile meet its edges.
+    x = cuda_input(300, 7152, torch.bfloat16, seed=11)
+    assert_matches_cpu_reference(x, global_scale_of(x), 7168, "swizzled", tile)
+    assert_matches_cpu_reference(x, global_scale_of(x), None, "linear", tile)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(
+    "m,n,stride,first_col,padded_n,dtype,word_loads",
+    ROW_LAYOUT_CASES,
+    ids=[f"{c[0]}x{c[1]}-stride{c[2]}+{c[3]}-{str(c[5])[6:]}" for c in ROW_LAYOUT_CASES],
+)
+def test_word_loads_and_their_fallback(m, n, stride, first_col, padded_n, dtype, word_loads, layout):
+    # Word loads need 4-byte aligned rows; an odd row stride or a base 2 bytes past a word takes 2-byte loads.
+    x = cuda_input(m, stride, dtype, seed=stride)[:, first_col : first_col + n]
+    assert word_loads_possible(x) == word_loads
+    assert_matches_cpu_reference(x, global_scale_of(x), padded_n, layout)
 
 
 def test_strided_rows():
