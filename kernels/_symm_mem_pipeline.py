@@ -3,7 +3,7 @@
 Two schedules, one interface:
 
 ``"one_compute_stream"``: every GEMM chunk runs on the caller's stream, one after the other; only the
-peer copies (copy-engine memcpys over NVLink, no SMs) run on a side stream::
+peer copies (device-to-device memcpys over NVLink) run on a side stream::
 
     all_gather:      compute  [mv][b][ gemm(own shard) ][ gemm(peer 1) ][ gemm(peer 2) ]..[b]
                      copies           [ cp peer 1 ][ cp peer 2 ]..
@@ -16,9 +16,10 @@ chunks on two streams at once to fill the GPU's last wave.
 Which one wins depends on the GEMM (2x H200, scripts/bench_async_tp.py, docs/benchmarks.md):
 ``torch._scaled_mm`` and bf16 ``mm`` chunks already fill the GPU, and two of them side by side run
 slower than one after the other (one stream: up to 1.24x over unfused, two streams up to 1.22x, and
-0.63x vs 1.11x at 2048x8192x8192). FlashInfer's cuBLASLt ``bmm_fp8`` kernels leave room that a
-second GEMM fills. ``SCHEDULE_BY_GEMM`` records that choice; two streams need a GEMM that is safe on
-concurrent streams (its own workspace per stream, gemm_kinds.safe_on_concurrent_streams).
+0.63x vs 1.11x at 2048x8192x8192). For FlashInfer's cuBLASLt ``bmm_fp8`` two streams are 3-7% faster
+from 8192 rows (1.06-1.13x vs 1.00-1.10x over unfused). ``SCHEDULE_BY_GEMM`` records that choice; two
+streams need a GEMM that is safe on concurrent streams (its own workspace per stream,
+gemm_kinds.safe_on_concurrent_streams).
 
 ``b`` is a SymmetricMemory barrier across the ranks of the group. Barriers that wait for peers run on
 the compute stream right after the GEMM whose output the peers read: a barrier queued on the copies

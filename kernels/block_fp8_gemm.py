@@ -192,19 +192,16 @@ def quantize_weight_blockwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 # How the activation scales of a K group reach the accumulator's rows (the SCALE_LOAD constexpr).
 # Measured in the sm90 TTGIR (Triton 3.9): a TMA load outside the dot's operands is not software-
 # pipelined, so each one issues, waits on its barrier and only then lets the MMA start.
+# (One [8, BLOCK_M] box per 8 groups, with each group selecting its row in registers, measured 0.18x
+# of cuBLAS: the selection costs more than the wait it saves.)
 SCALE_TMA = 0
 """One [1, BLOCK_M] TMA box per K group: a full global round trip before every MMA."""
-SCALE_TMA_CHUNK = 1
-"""One [SCALE_CHUNK, BLOCK_M] TMA box per SCALE_CHUNK groups, kept in registers: the round trip is
-paid once per chunk; each group picks its row out of the chunk (a select-sum and a layout shuffle)."""
-SCALE_PTR = 2
+SCALE_PTR = 1
 """Plain loads straight into the accumulator's row layout, issued one group ahead so their latency
 hides behind the MMA. Reads no TMA box, so by itself it would not need M % 4 (see ALIGN_M)."""
-SCALE_LOADS = {"tma": SCALE_TMA, "tma_chunk": SCALE_TMA_CHUNK, "ptr": SCALE_PTR}
-# The same values as Triton constexprs: a jitted function may only read globals that are constexprs.
-_as_constexpr = tl.constexpr if HAS_TRITON else int
-_SCALE_TMA_CHUNK = _as_constexpr(SCALE_TMA_CHUNK)
-_SCALE_PTR = _as_constexpr(SCALE_PTR)
+SCALE_LOADS = {"tma": SCALE_TMA, "ptr": SCALE_PTR}
+# The same value as a Triton constexpr: a jitted function may only read globals that are constexprs.
+_SCALE_PTR = tl.constexpr(SCALE_PTR) if HAS_TRITON else SCALE_PTR
 
 
 @jit
@@ -221,7 +218,7 @@ def _weight_scale(b_scale_ptr, g, valid, off_n, offs_n, N, k_groups, BLOCK_N: tl
 def _block_fp8_mm_kernel_body(
     a_desc,  # (M, K) e4m3, block [BLOCK_M, 128]
     b_desc,  # (N, K) e4m3, block [BLOCK_N, 128]
-    a_scale_desc,  # (K/128, M) fp32, block [1 or SCALE_CHUNK, BLOCK_M]: needs 16-byte aligned rows
+    a_scale_desc,  # (K/128, M) fp32, block [1, BLOCK_M]: needs 16-byte aligned rows
     a_scale_ptr,  # the same scales as a pointer, row stride ``a_scale_row_stride`` (SCALE_PTR)
     a_scale_row_stride,
     b_scale_ptr,  # (ceil(N/128), K/128) fp32
@@ -234,7 +231,6 @@ def _block_fp8_mm_kernel_body(
     GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
     SCALE_LOAD: tl.constexpr,
-    SCALE_CHUNK: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
 ):
     # BLOCK_K is the scale group, so each K step multiplies one partial product by one scale pair.
@@ -264,9 +260,6 @@ def _block_fp8_mm_kernel_body(
     if SCALE_LOAD == _SCALE_PTR:
         next_a_scale = tl.load(a_scale_ptr + first_group * a_scale_row_stride + offs_m,
                                mask=offs_m < tl.where(first_group < last_group, M, 0), other=0.0)
-    if SCALE_LOAD == _SCALE_TMA_CHUNK:
-        chunk_rows = tl.arange(0, SCALE_CHUNK)[:, None]
-        a_scale_chunk = tl.zeros((SCALE_CHUNK, BLOCK_M), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in tl.range(first_group, last_group, warp_specialize=WARP_SPECIALIZE):
         a = a_desc.load([off_m, g * BLOCK_K])
@@ -275,12 +268,6 @@ def _block_fp8_mm_kernel_body(
             a_scale = next_a_scale[:, None]
             next_a_scale = tl.load(a_scale_ptr + (g + 1) * a_scale_row_stride + offs_m,
                                    mask=offs_m < tl.where(g + 1 < last_group, M, 0), other=0.0)
-        elif SCALE_LOAD == _SCALE_TMA_CHUNK:
-            row = (g - first_group) % SCALE_CHUNK
-            if row == 0:
-                # Rows past K/128 come back zero-filled; rows of the next split are never selected.
-                a_scale_chunk = a_scale_desc.load([g, off_m])
-            a_scale = tl.reshape(tl.sum(tl.where(chunk_rows == row, a_scale_chunk, 0.0), axis=0), (BLOCK_M, 1))
         else:
             a_scale = tl.reshape(a_scale_desc.load([g, off_m]), (BLOCK_M, 1))
         group_b_scale = b_scale
@@ -339,8 +326,7 @@ class TileRule:
     num_warps: int
     num_stages: int
     GROUP_M: int = 8
-    SCALE_LOAD: int = SCALE_TMA_CHUNK
-    SCALE_CHUNK: int = 8
+    SCALE_LOAD: int = SCALE_PTR
     WARP_SPECIALIZE: bool = False
 
 
@@ -350,10 +336,9 @@ class TileRule:
 # helps from about 1024 rows. BLOCK_M 64 for decode-sized M (the smallest wgmma M); 8 warps keep a
 # 128x128 fp32 accumulator plus its per-group partial in registers.
 LAUNCH_RULES: tuple[TileRule, ...] = (
-    TileRule(max_m=64, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, SCALE_LOAD=SCALE_PTR),
-    TileRule(max_m=512, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, SCALE_LOAD=SCALE_PTR),
-    TileRule(max_m=2**62, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, SCALE_LOAD=SCALE_PTR,
-             WARP_SPECIALIZE=True),
+    TileRule(max_m=64, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4),
+    TileRule(max_m=512, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4),
+    TileRule(max_m=2**62, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, WARP_SPECIALIZE=True),
 )
 
 SPLIT_K_MIN_GROUPS = 4
@@ -400,9 +385,6 @@ def _check_config(config: dict[str, int], K: int) -> None:
         raise ValueError(f"block_fp8_mm: unsupported tile {config['BLOCK_M']}x{block_n}")
     if config["SCALE_LOAD"] not in SCALE_LOADS.values():
         raise ValueError(f"block_fp8_mm: unknown SCALE_LOAD {config['SCALE_LOAD']}")
-    chunk = config["SCALE_CHUNK"]
-    if chunk < 1 or chunk & (chunk - 1):
-        raise ValueError(f"block_fp8_mm: SCALE_CHUNK must be a power of two, got {chunk}")
     # An empty split would still store its (zero) partial, but it means the split count is wasted.
     if split_k < 1 or (split_k - 1) * -(-k_groups // split_k) >= k_groups:
         raise ValueError(f"block_fp8_mm: SPLIT_K={split_k} leaves a split without K groups (K/128 = {k_groups})")
@@ -428,12 +410,11 @@ def launch_block_fp8_mm(
         config = launch_config(M, N, K, sms)
     _check_config(config, K)
     block_m, block_n, split_k = config["BLOCK_M"], config["BLOCK_N"], config["SPLIT_K"]
-    scale_rows = config["SCALE_CHUNK"] if config["SCALE_LOAD"] == SCALE_TMA_CHUNK else 1
     TensorDescriptor = _tensor_descriptor_cls()
     a_desc = TensorDescriptor(A, [M, K], [K, 1], [block_m, QUANT_BLOCK])
     b_desc = TensorDescriptor(B, [N, K], [K, 1], [block_n, QUANT_BLOCK])
     # Shape (K/128, M) with the caller's row stride: TMA zero-fills beyond M and needs that stride aligned.
-    a_scale_desc = TensorDescriptor(A_scale_t, [K // QUANT_BLOCK, M], [A_scale_t.stride(0), 1], [scale_rows, block_m])
+    a_scale_desc = TensorDescriptor(A_scale_t, [K // QUANT_BLOCK, M], [A_scale_t.stride(0), 1], [1, block_m])
     if split_k == 1:
         c_desc = TensorDescriptor(out, [M, N], [N, 1], [block_m, block_n])
     else:
@@ -456,7 +437,6 @@ def launch_block_fp8_mm(
         GROUP_M=config["GROUP_M"],
         SPLIT_K=split_k,
         SCALE_LOAD=config["SCALE_LOAD"],
-        SCALE_CHUNK=config["SCALE_CHUNK"],
         WARP_SPECIALIZE=bool(config["WARP_SPECIALIZE"]),
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],

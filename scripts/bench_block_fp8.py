@@ -139,7 +139,7 @@ def scaled_mm_calls(operands: list[Operands]) -> list[Callable[[], object]]:
 
 # ---- sweep -------------------------------------------------------------------------------------
 
-SCALE_PTR, SCALE_TMA = bf.SCALE_PTR, bf.SCALE_TMA
+SCALE_TMA = bf.SCALE_TMA
 WIDE = {"BLOCK_M": 128, "BLOCK_N": 256, "num_warps": 8, "num_stages": 3}
 
 # name -> overrides of launch_config (tile overrides apply before split-K is chosen); "default" is
@@ -147,24 +147,19 @@ WIDE = {"BLOCK_M": 128, "BLOCK_N": 256, "num_warps": 8, "num_stages": 3}
 SWEEP_CANDIDATES: dict[str, dict[str, int]] = {
     "default": {},
     "scale=tma (per-group TMA)": {"SCALE_LOAD": SCALE_TMA},
-    "scale=ptr": {"SCALE_LOAD": SCALE_PTR},
-    "chunk=4": {"SCALE_CHUNK": 4},
-    "chunk=16": {"SCALE_CHUNK": 16},
+    "tma warp_specialize": {"SCALE_LOAD": SCALE_TMA, "WARP_SPECIALIZE": True},
+    "warp_specialize off": {"WARP_SPECIALIZE": False},
+    "warp_specialize on": {"WARP_SPECIALIZE": True},
     "stages=3": {"num_stages": 3},
     "stages=5": {"num_stages": 5},
-    "ptr stages=3": {"SCALE_LOAD": SCALE_PTR, "num_stages": 3},
-    "ptr stages=5": {"SCALE_LOAD": SCALE_PTR, "num_stages": 5},
     "warps=4": {"num_warps": 4},
     "group_m=1": {"GROUP_M": 1},
     "group_m=16": {"GROUP_M": 16},
-    "warp_specialize": {"WARP_SPECIALIZE": True},
-    "ptr warp_specialize": {"SCALE_LOAD": SCALE_PTR, "WARP_SPECIALIZE": True},
     "bm=64": {"BLOCK_M": 64, "num_warps": 4},
     "bn=64": {"BLOCK_N": 64},
     "bn=128": {"BLOCK_N": 128},
     "128x256": dict(WIDE),
-    "ptr 128x256": dict(WIDE, SCALE_LOAD=SCALE_PTR),
-    "ptr 64x256 w4": {"BLOCK_M": 64, "BLOCK_N": 256, "num_warps": 4, "num_stages": 4, "SCALE_LOAD": SCALE_PTR},
+    "64x256 w4": {"BLOCK_M": 64, "BLOCK_N": 256, "num_warps": 4, "num_stages": 4},
     "split=1": {"SPLIT_K": 1},
     "split x2": {},  # the default's split doubled (see candidate_config)
 }
@@ -225,7 +220,7 @@ def sweep(args: argparse.Namespace, l2: int) -> list[dict]:
                 flag = "" if r.get("matches_default", True) else "  RESULT DIFFERS"
                 print(f"  {rank:>2} {r['name']:<26} {r['us']:8.1f} {r['tflops']:6.0f} {r['ratio']:5.2f}x  "
                       f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']} g{c['GROUP_M']} "
-                      f"split{c['SPLIT_K']} scale{c['SCALE_LOAD']}/{c['SCALE_CHUNK']} ws{int(c['WARP_SPECIALIZE'])}{flag}")
+                      f"split{c['SPLIT_K']} scale{c['SCALE_LOAD']} ws{int(c['WARP_SPECIALIZE'])}{flag}")
             for r in results:
                 if "error" in r:
                     print(f"   - {r['name']:<26} FAILED {r['error']}")

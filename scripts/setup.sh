@@ -37,6 +37,9 @@ ok = all(os.path.realpath(m.__file__).startswith(here + os.sep) for m in (fusion
 sys.exit(0 if ok else 1)
 PYCHECK
   echo "[setup] installing fusionpasses (editable) from $here"
+  # Without build isolation the editable build runs on this interpreter's setuptools, which must build
+  # wheels itself (setuptools >= 70.1; older ones need the separate `wheel` package).
+  "$PY" -c "import setuptools.command.bdist_wheel" 2>/dev/null || pip_install "setuptools>=70.1"
   pip_install --no-deps --no-build-isolation -e .
 fi
 "$PY" -c "import torch, fusionpasses; print(f'[setup] torch {torch.__version__}, fusionpasses {fusionpasses.__version__}')"

@@ -52,8 +52,6 @@ def config(block_m: int, block_n: int, group_m: int = 8, split_k: int = 1, **ove
 # loop as written), so "ws" checks only that the flag leaves the result alone.
 VARIANTS = {
     "tma": {"SCALE_LOAD": bf.SCALE_TMA},
-    "chunk8": {"SCALE_LOAD": bf.SCALE_TMA_CHUNK, "SCALE_CHUNK": 8},
-    "chunk2": {"SCALE_LOAD": bf.SCALE_TMA_CHUNK, "SCALE_CHUNK": 2},  # chunks end inside K
     "ptr": {"SCALE_LOAD": bf.SCALE_PTR},
     "ws": {"WARP_SPECIALIZE": True},
 }
@@ -77,12 +75,12 @@ def _kernel_cases():
             cfg = config(bm, bn, group_m=2, **variant)
             cases.append(pytest.param(M, N, K, stride, cfg, id=f"{name}-M{M}-N{N}-K{K}"))
     # 256-wide tiles span two weight blocks: per-column weight scales.
-    for name in ("chunk8", "ptr"):
+    for name in ("tma", "ptr"):
         for M, N, K, stride, bm in ((3, 264, 384, 4, 64), (129, 520, 128, 132, 128), (4, 200, 256, None, 64)):
             cfg = config(bm, 256, **VARIANTS[name])
             cases.append(pytest.param(M, N, K, stride, cfg, id=f"{name}-256-M{M}-N{N}-K{K}"))
-    # Split-K with splits of unequal length, and chunks that straddle split boundaries.
-    for name in ("tma", "chunk2", "chunk8", "ptr"):
+    # Split-K with splits of unequal length.
+    for name in ("tma", "ptr"):
         cfg2 = config(64, 64, split_k=2, **VARIANTS[name])
         cfg4 = config(128, 64, split_k=4, **VARIANTS[name])
         cases.append(pytest.param(5, 72, 640, 8, cfg2, id=f"{name}-split2-K640"))
@@ -113,7 +111,6 @@ def test_kernel_bf16_random_within_one_ulp(M, N, K, row_stride):
     "overrides,message",
     [
         ({"SPLIT_K": 8}, "leaves a split without K groups"),  # 5 groups: 4 splits of 1, then nothing
-        ({"SCALE_CHUNK": 3}, "power of two"),
         ({"SCALE_LOAD": 7}, "unknown SCALE_LOAD"),
         ({"BLOCK_N": 96}, "unsupported tile"),
     ],
@@ -271,20 +268,19 @@ results = {}
 cases = [bf.launch_config(M, N, K, 132) for M, N, K in
          [(1, 2048, 7168), (64, 7168, 2048), (128, 2048, 7168), (128, 18432, 7168), (16384, 18432, 7168)]]
 big = bf.launch_config(16384, 18432, 7168, 132)
-cases += [dict(big, SCALE_LOAD=bf.SCALE_TMA), dict(big, SCALE_LOAD=bf.SCALE_PTR),
+cases += [dict(big, SCALE_LOAD=bf.SCALE_TMA), dict(big, WARP_SPECIALIZE=False),
           dict(big, BLOCK_N=256, SCALE_LOAD=bf.SCALE_PTR, num_stages=3)]
 for index, cfg in enumerate(cases):
     bm, bn, split_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"]
-    scale_rows = cfg["SCALE_CHUNK"] if cfg["SCALE_LOAD"] == bf.SCALE_TMA_CHUNK else 1
     out = f"tensordesc<bf16[{bm}, {bn}]>" if split_k == 1 else f"tensordesc<fp32[1, {bm}, {bn}]>"
     signature = {
         "a_desc": f"tensordesc<fp8e4nv[{bm}, 128]>", "b_desc": f"tensordesc<fp8e4nv[{bn}, 128]>",
-        "a_scale_desc": f"tensordesc<fp32[{scale_rows}, {bm}]>", "a_scale_ptr": "*fp32", "a_scale_row_stride": "i32",
+        "a_scale_desc": f"tensordesc<fp32[1, {bm}]>", "a_scale_ptr": "*fp32", "a_scale_row_stride": "i32",
         "b_scale_ptr": "*fp32", "c_desc": out, "M": "i32", "N": "i32", "K": "i32",
-        **dict.fromkeys(("BLOCK_M", "BLOCK_N", "GROUP_M", "SPLIT_K", "SCALE_LOAD", "SCALE_CHUNK", "WARP_SPECIALIZE"),
+        **dict.fromkeys(("BLOCK_M", "BLOCK_N", "GROUP_M", "SPLIT_K", "SCALE_LOAD", "WARP_SPECIALIZE"),
                         "constexpr"),
     }
-    constexprs = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "GROUP_M", "SPLIT_K", "SCALE_LOAD", "SCALE_CHUNK")}
+    constexprs = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "GROUP_M", "SPLIT_K", "SCALE_LOAD")}
     constexprs["WARP_SPECIALIZE"] = bool(cfg["WARP_SPECIALIZE"])
     compiled = triton.compile(
         ASTSource(fn=bf._block_fp8_mm_kernel, signature=signature, constexprs=constexprs),

@@ -66,9 +66,6 @@ def test_direct_op_matches_reference(M, N, K):
 # Every compile-time variant scripts/bench_block_fp8.py --sweep times (any of them may become a rule).
 SCALE_VARIANTS = {
     "tma": {"SCALE_LOAD": bf.SCALE_TMA},
-    "chunk4": {"SCALE_LOAD": bf.SCALE_TMA_CHUNK, "SCALE_CHUNK": 4},
-    "chunk8": {"SCALE_LOAD": bf.SCALE_TMA_CHUNK, "SCALE_CHUNK": 8},
-    "chunk16": {"SCALE_LOAD": bf.SCALE_TMA_CHUNK, "SCALE_CHUNK": 16},
     "ptr": {"SCALE_LOAD": bf.SCALE_PTR},
 }
 TILES = [(64, 64, 4, 4), (64, 128, 4, 4), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 4, 5), (128, 256, 8, 3),
@@ -97,7 +94,7 @@ def test_every_variant_is_exact(scale, tile, split_k, M, N, K, row_stride):
     assert torch.equal(out, reference)
 
 
-@pytest.mark.parametrize("scale", ["chunk8", "ptr"])
+@pytest.mark.parametrize("scale", ["tma", "ptr"])
 def test_warp_specialized_loop_is_exact(scale):
     """Triton's automatic warp specialization may not support this loop on sm90 in every release: a
     compile failure skips (the sweep reports it too); a kernel that runs must be exact."""
