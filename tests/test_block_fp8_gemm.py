@@ -33,6 +33,12 @@ def exact_operands(M: int, N: int, K: int, scale_row_stride: int | None = None, 
     return A, B, A_scale_t, B_scale
 
 
+def exact_activations(M: int, K: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and A_scale_t of :func:`exact_operands` for M rows, seeded by M."""
+    A, _, A_scale_t, _ = exact_operands(M, 40, K, seed=M)
+    return A, A_scale_t
+
+
 def random_operands(M: int, N: int, K: int, scale_row_stride: int | None = None, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     A, A_scale_t = bf.quantize_activation_blockwise(torch.randn(M, K, generator=g), scale_row_stride)
@@ -175,23 +181,40 @@ def test_padded_op_matches_reference(M):
     assert torch.equal(out, bf.reference_block_fp8_mm(A, B, A_scale_t, B_scale, torch.bfloat16))
 
 
-def _spy_on_reference():
-    """Records, for every GEMM the ops run, its M and whether A is the caller's tensor (not a padded copy)."""
+def spy_on_gemms(function: str = "reference_block_fp8_mm"):
+    """Patches ``bf.<function>`` (the CPU reference, or the GPU launcher) to record, for every GEMM the
+    ops run, its M and whether A is the caller's tensor (not a padded copy)."""
     calls: list[tuple[int, bool]] = []
     caller_ptr = [0]
-    reference = bf.reference_block_fp8_mm
+    original = getattr(bf, function)
 
-    def spy(A, *args):
+    def spy(A, *args, **kwargs):
         calls.append((A.shape[0], A.data_ptr() == caller_ptr[0]))
-        return reference(A, *args)
+        return original(A, *args, **kwargs)
 
-    return mock.patch.object(bf, "reference_block_fp8_mm", spy), calls, caller_ptr
+    return mock.patch.object(bf, function, spy), calls, caller_ptr
+
+
+def branch_checked_calls(compiled, B, B_scale, activations_for, calls, caller_ptr):
+    """Calls ``compiled`` on ``activations_for(M)`` = (A, A_scale_t) for every M of ISSUE_MS, M unbacked (no 0/1 specialization, so M = 1
+    shares the graph too), asserting that exactly one GEMM ran, on the caller's A when M is aligned and
+    on a padded copy otherwise. Yields (M, A, A_scale_t, out) for the caller's value checks."""
+    for M in ISSUE_MS:
+        A, A_scale_t = activations_for(M)
+        torch._dynamo.decorators.mark_unbacked(A, 0)
+        torch._dynamo.decorators.mark_unbacked(A_scale_t, 1)
+        calls.clear()
+        caller_ptr[0] = A.data_ptr()
+        out = compiled(A, B, A_scale_t, B_scale)
+        aligned = M % 4 == 0
+        assert calls == [(M + (-M) % 4, aligned)], f"M={M}: {'direct' if aligned else 'padded'} branch expected"
+        yield M, A, A_scale_t, out
 
 
 @pytest.mark.parametrize("M,direct", [(3, False), (4, True), (0, True)])
 def test_any_m_eager_pads_only_when_unaligned(M, direct):
     A, B, A_scale_t, B_scale = exact_operands(M, 16, 128)
-    patch, calls, caller_ptr = _spy_on_reference()
+    patch, calls, caller_ptr = spy_on_gemms()
     caller_ptr[0] = A.data_ptr()
     with patch:
         out = bf.block_fp8_mm_any_m(A, B, A_scale_t, B_scale)
@@ -203,18 +226,9 @@ def test_any_m_compiles_once_for_every_m_with_both_branches():
     B, B_scale = exact_operands(4, 40, 128, seed=1)[1::2]
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
     compiled = torch.compile(bf.block_fp8_mm_any_m, backend=counter, fullgraph=True)
-    patch, calls, caller_ptr = _spy_on_reference()
+    patch, calls, caller_ptr = spy_on_gemms()
     with patch:
-        for M in ISSUE_MS:
-            A, _, A_scale_t, _ = exact_operands(M, 40, 128, seed=M)
-            # Unbacked: no 0/1 specialization, so M = 1 shares the graph too.
-            torch._dynamo.decorators.mark_unbacked(A, 0)
-            torch._dynamo.decorators.mark_unbacked(A_scale_t, 1)
-            calls.clear()
-            caller_ptr[0] = A.data_ptr()
-            out = compiled(A, B, A_scale_t, B_scale)
-            aligned = M % 4 == 0
-            assert calls == [(M + (-M) % 4, aligned)], f"M={M}: {'direct' if aligned else 'padded'} branch expected"
+        for M, A, A_scale_t, out in branch_checked_calls(compiled, B, B_scale, exact_activations, calls, caller_ptr):
             eager = bf.block_fp8_mm_any_m(A, B, A_scale_t, B_scale)
             reference = bf.reference_block_fp8_mm(A, B, A_scale_t, B_scale, torch.bfloat16)
             assert torch.equal(out, eager) and torch.equal(out, reference), f"M={M}"

@@ -14,7 +14,7 @@ from fusionpasses import FusionConfig, PassManager
 from fusionpasses.kernels import block_fp8_gemm as bf
 from fusionpasses.passes.cond_padding import CondPaddingPass
 from tests.fx_utils import assert_no_raw_symints, nodes_of, op_counts, post_grad_graph
-from tests.test_block_fp8_gemm import ISSUE_MS, _spy_on_reference, exact_operands
+from tests.test_block_fp8_gemm import branch_checked_calls, exact_activations, exact_operands, spy_on_gemms
 
 aten = torch.ops.aten
 PATTERN = "pad->block_fp8_mm->slice"
@@ -231,19 +231,11 @@ def test_compiled_rewrite_serves_every_m_from_one_graph():
     manager = PassManager(FusionConfig(cond_padding=True))
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
     B, B_scale = operands(4, N=40, K=128)[1::2]
-    patch, calls, caller_ptr = _spy_on_reference()
+    patch, calls, caller_ptr = spy_on_gemms()
     # No FX graph cache: a cache hit would skip the pass, whose stats the test reads.
     with torch._inductor.config.patch(post_grad_custom_post_pass=manager, fx_graph_cache=False), patch:
         compiled = torch.compile(pad_mm_unbacked, backend=counter, fullgraph=True)
-        for M in ISSUE_MS:
-            A, _, A_scale_t, _ = exact_operands(M, 40, 128, seed=M)
-            torch._dynamo.decorators.mark_unbacked(A, 0)
-            torch._dynamo.decorators.mark_unbacked(A_scale_t, 1)
-            calls.clear()
-            caller_ptr[0] = A.data_ptr()
-            out = compiled(A, B, A_scale_t, B_scale)
-            aligned = M % 4 == 0
-            assert calls == [(M + (-M) % 4, aligned)], f"M={M}: {'direct' if aligned else 'padded'} branch expected"
+        for M, A, A_scale_t, out in branch_checked_calls(compiled, B, B_scale, exact_activations, calls, caller_ptr):
             assert torch.equal(out, pad_mm(A, B, A_scale_t, B_scale)), f"M={M}"
             assert torch.equal(out, bf.reference_block_fp8_mm(A, B, A_scale_t, B_scale, torch.bfloat16)), f"M={M}"
     assert counter.frame_count == 1

@@ -274,13 +274,14 @@ ROW_LAYOUT_CASES = [
     (1, 32, 33, 0, None, FP16, True),  # one row: its stride is never used
     (1, 32, 33, 1, 64, BF16, False),
 ]
+ROW_LAYOUT_IDS = [f"{c[0]}x{c[1]}-stride{c[2]}+{c[3]}-{str(c[5])[6:]}" for c in ROW_LAYOUT_CASES]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(
     "m,n,stride,first_col,padded_n,dtype,word_loads",
     ROW_LAYOUT_CASES,
-    ids=[f"{c[0]}x{c[1]}-stride{c[2]}+{c[3]}-{str(c[5])[6:]}" for c in ROW_LAYOUT_CASES],
+    ids=ROW_LAYOUT_IDS,
 )
 def test_kernel_reads_any_row_alignment_bit_identically(m, n, stride, first_col, padded_n, dtype, word_loads, layout):
     buffer = random_input(m, stride, dtype, seed=stride + first_col)

@@ -6,8 +6,6 @@ the M alignment, and the torch.cond dispatch and the cond_padding pass compiled 
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 import torch
 import torch._dynamo.testing
@@ -16,10 +14,9 @@ from fusionpasses.kernels import block_fp8_gemm as bf
 from fusionpasses.kernels.library import KernelInputError
 
 from fusionpasses import FusionConfig, PassManager
+from tests.test_block_fp8_gemm import branch_checked_calls, spy_on_gemms
 
 pytestmark = pytest.mark.gpu
-
-ISSUE_MS = (1, 2, 3, 4, 5, 127, 128, 129, 4095, 4096)
 
 
 @pytest.fixture(autouse=True)
@@ -126,19 +123,6 @@ def test_padded_op_and_any_m_match_reference(M):
     assert torch.equal(bf.block_fp8_mm_any_m(*args), padded)
 
 
-def _spy_on_launches():
-    """Records (M the kernel ran with, whether A is the caller's tensor rather than a padded copy)."""
-    calls: list[tuple[int, bool]] = []
-    caller_ptr = [0]
-    launch = bf.launch_block_fp8_mm
-
-    def spy(A, *args, **kwargs):
-        calls.append((A.shape[0], A.data_ptr() == caller_ptr[0]))
-        return launch(A, *args, **kwargs)
-
-    return mock.patch.object(bf, "launch_block_fp8_mm", spy), calls, caller_ptr
-
-
 def pad_mm(A, B, A_scale_t, B_scale):
     """What callers did before: pad every M, run the fast path, slice back."""
     torch._check(A_scale_t.shape[1] == A.shape[0])
@@ -155,19 +139,16 @@ def test_compiled_cond_serves_every_m_from_one_graph(program):
     manager = PassManager(FusionConfig(cond_padding=True))
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
     _, B, _, B_scale = random_operands(4, 256, 512)
-    patch, calls, caller_ptr = _spy_on_launches()
+
+    def activations(M: int) -> tuple[torch.Tensor, torch.Tensor]:
+        A, _, A_scale_t, _ = random_operands(M, 256, 512)
+        return A, A_scale_t
+
+    patch, calls, caller_ptr = spy_on_gemms("launch_block_fp8_mm")
     # No FX graph cache: a cache hit would skip the pass, whose stats the test reads.
     with torch._inductor.config.patch(post_grad_custom_post_pass=manager, fx_graph_cache=False), patch:
         compiled = torch.compile(fn, backend=counter, fullgraph=True)
-        for M in ISSUE_MS:
-            A, _, A_scale_t, _ = random_operands(M, 256, 512)
-            torch._dynamo.decorators.mark_unbacked(A, 0)
-            torch._dynamo.decorators.mark_unbacked(A_scale_t, 1)
-            calls.clear()
-            caller_ptr[0] = A.data_ptr()
-            out = compiled(A, B, A_scale_t, B_scale)
-            aligned = M % 4 == 0
-            assert calls == [(M + (-M) % 4, aligned)], f"M={M}: {'direct' if aligned else 'padded'} branch expected"
+        for M, A, A_scale_t, out in branch_checked_calls(compiled, B, B_scale, activations, calls, caller_ptr):
             assert torch.equal(out, bf.block_fp8_mm_any_m(A, B, A_scale_t, B_scale)), f"M={M}"
             assert_close_to_reference(out, A, B, A_scale_t, B_scale)
     assert counter.frame_count == 1

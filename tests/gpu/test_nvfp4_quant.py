@@ -23,6 +23,7 @@ from fusionpasses.kernels.nvfp4_quant import (
 )
 from tests.test_nvfp4_quant import (
     ROW_LAYOUT_CASES,
+    ROW_LAYOUT_IDS,
     SEED_SHAPES,
     as_bytes,
     global_scale_of,
@@ -104,7 +105,7 @@ def test_every_candidate_tile_is_bit_identical(tile):
 @pytest.mark.parametrize(
     "m,n,stride,first_col,padded_n,dtype,word_loads",
     ROW_LAYOUT_CASES,
-    ids=[f"{c[0]}x{c[1]}-stride{c[2]}+{c[3]}-{str(c[5])[6:]}" for c in ROW_LAYOUT_CASES],
+    ids=ROW_LAYOUT_IDS,
 )
 def test_word_loads_and_their_fallback(m, n, stride, first_col, padded_n, dtype, word_loads, layout):
     # Word loads need 4-byte aligned rows; an odd row stride or a base 2 bytes past a word takes 2-byte loads.
