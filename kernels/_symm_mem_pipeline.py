@@ -27,6 +27,15 @@ stream behind a running GEMM could not start until that GEMM frees an SM, and th
 wait for the next GEMM as well. Both pipelines need SymmetricMemory enabled for the group
 (``fusionpasses.symm_mem.setup_symm_mem``). This file is the only place the kernel backend touches
 torch's private distributed APIs (the workspace buffer and the two-stream pipelines).
+
+The workspace and CUDA graphs (:func:`workspace`): torch keeps one SymmetricMemory workspace per
+group and replaces it when a call needs more. Growing it inside Inductor's CUDA graph trees broke
+them: their warm-up routes every allocation of the calling thread into the graph pool, and the
+rendezvous of a new workspace allocates its peer-pointer tables there, so the warm-up check found
+two untracked tensors in the pool. Growth therefore runs on a helper thread (outside any pool), in
+powers of two, and a replaced workspace is kept alive because graphs captured earlier still hold its
+addresses. A capture itself cannot grow it (every rank would have to rendezvous inside the capture):
+it raises, and a warm-up run of the same shapes before capturing avoids that, as CUDA graph trees do.
 """
 
 from __future__ import annotations
@@ -38,12 +47,17 @@ import torch
 from torch.distributed import _symmetric_memory as _sm
 
 from . import gemm_kinds
-from .library import FP8_DTYPES
+from .library import FP8_DTYPES, outside_graph_pools
 
 SCHEDULES = ("one_compute_stream", "two_streams")
 SCHEDULE_BY_GEMM = {"bmm_fp8": "two_streams", "scaled_mm": "one_compute_stream", "mm": "one_compute_stream"}
 _forced_schedule: str | None = None
 _copy_streams: dict[int, torch.cuda.Stream] = {}
+_workspace_bytes: dict[str, int] = {}
+"""Bytes of the workspace this module last reserved per group (torch's may only be larger)."""
+_replaced_workspaces: list[torch.Tensor] = []
+"""Workspaces torch replaced: CUDA graphs captured before a growth still read and write them."""
+MIN_WORKSPACE_BYTES = 1 << 20
 
 
 @contextlib.contextmanager
@@ -74,6 +88,36 @@ def _copy_stream() -> torch.cuda.Stream:
     return _copy_streams[device]
 
 
+def workspace(group_name: str, nbytes: int):
+    """The group's SymmetricMemory workspace with at least ``nbytes``; collective when it grows
+    (every rank of the group calls it with the same size, as the pipelines do)."""
+    if _workspace_bytes.get(group_name, 0) < nbytes:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"fusionpasses: the SymmetricMemory workspace of group {group_name!r} has "
+                f"{_workspace_bytes.get(group_name, 0)} bytes and this call needs {nbytes}; it cannot grow "
+                "during CUDA graph capture. Run the captured function once with the same shapes before "
+                "capturing it (a warm-up, as torch.compile's CUDA graphs do)."
+            )
+        reserve(group_name, nbytes)
+    # The rendezvous of an existing workspace is cached by torch: no allocation here.
+    return _sm.get_symm_mem_workspace(group_name, min_size=nbytes)
+
+
+def reserve(group_name: str, nbytes: int) -> None:
+    """Grow the group's workspace to a power of two >= ``nbytes``, outside CUDA graph pools.
+    Collective, like ``workspace``."""
+    size = max(MIN_WORKSPACE_BYTES, 1 << max(nbytes - 1, 0).bit_length())
+    if _workspace_bytes.get(group_name, 0) >= size:
+        return
+    workspaces = getattr(_sm, "_group_name_to_workspace_tensor", {})
+    current = workspaces.get(group_name)
+    outside_graph_pools(lambda: _sm.get_symm_mem_workspace(group_name, min_size=size))
+    if current is not None and workspaces.get(group_name) is not current:
+        _replaced_workspaces.append(current)
+    _workspace_bytes[group_name] = size
+
+
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     # Peer copies move bytes; uint8 views keep the pipelines independent of fp8 dtype support.
     return t.view(torch.uint8) if t.dtype in FP8_DTYPES else t
@@ -89,6 +133,7 @@ def pipelined_all_gather(
     """Gather ``shard`` rows from every rank into ``gathered``, calling ``consume(chunk, rank)`` per chunk."""
     dtype = shard.dtype
     shard, gathered = _as_bytes(shard.contiguous()), _as_bytes(gathered)
+    symm = workspace(group_name, shard.numel() * shard.element_size())
 
     def consume_bytes(chunk: torch.Tensor, rank: int) -> None:
         consume(chunk.view(dtype), rank)
@@ -96,7 +141,6 @@ def pipelined_all_gather(
     if schedule == "two_streams":
         _sm._pipelined_all_gather_and_consume(shard, consume_bytes, gathered, group_name)
         return
-    symm = _sm.get_symm_mem_workspace(group_name, min_size=shard.numel() * shard.element_size())
     ws, rank = symm.world_size, symm.rank
     chunks = gathered.chunk(ws)
     compute, copies = torch.cuda.current_stream(), _copy_stream()
@@ -132,12 +176,12 @@ def pipelined_reduce_scatter_rows(
 ) -> None:
     """``produce(rank, out)`` writes the partial rows destined for ``rank``; afterwards chunk r of
     ``stacked`` (split along dim 0) holds rank r's partial of this rank's rows."""
+    out_chunks = stacked.chunk(world_size)
+    chunk_bytes = out_chunks[0].numel() * out_chunks[0].element_size()
+    symm = workspace(group_name, 2 * chunk_bytes)
     if schedule == "two_streams":
         _sm._pipelined_produce_and_all2all(produce, stacked, group_name)
         return
-    out_chunks = stacked.chunk(world_size)
-    chunk_bytes = out_chunks[0].numel() * out_chunks[0].element_size()
-    symm = _sm.get_symm_mem_workspace(group_name, min_size=2 * chunk_bytes)
     ws, rank = symm.world_size, symm.rank
     compute, copies = torch.cuda.current_stream(), _copy_stream()
 

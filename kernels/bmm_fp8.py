@@ -22,6 +22,7 @@ import torch
 from .library import (
     HALF_DTYPES,
     OpSample,
+    cached_buffer,
     check,
     check_dtype,
     check_ndim,
@@ -117,9 +118,9 @@ def bmm_fp8_into(
     runner = _cublas_runner() if (USE_FAST_PATH and backend == "cublas") else None
     if runner is not None:
         key = (A.device, torch.cuda.current_stream(A.device).cuda_stream)
-        workspace = _workspaces.get(key)
-        if workspace is None:
-            workspace = _workspaces[key] = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=A.device)
+        workspace = cached_buffer(
+            _workspaces, key, lambda: torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=A.device), A.device
+        )
         runner.forward([A, B, A_scale, B_scale, out, workspace], tactic=-1)
     else:
         _flashinfer().bmm_fp8(A, B, A_scale, B_scale, out.dtype, out, backend=backend)

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from .library import (
     HALF_DTYPES,
     OpSample,
+    cached_buffer,
     check,
     check_contiguous,
     check_dtype,
@@ -379,9 +380,7 @@ def _cached(
     cache: dict[torch.device, torch.Tensor], device: torch.device, make: Callable[[], torch.Tensor]
 ) -> torch.Tensor:
     device = _device_key(device)
-    if device not in cache:
-        cache[device] = make()
-    return cache[device]
+    return cached_buffer(cache, device, make, device)
 
 
 def _cudnn_call(

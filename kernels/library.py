@@ -15,15 +15,20 @@ Conventions for a kernel file ``kernels/<op>.py``:
   to ``torch.library.opcheck``. It is called inside a 1-rank gloo process group (the WORLD group), so
   collective ops can name ``dist.group.WORLD.group_name``.
 - Input validation through :func:`check` and friends, so every error names the op and the argument.
+- Buffers an op keeps between calls (workspaces, constants) come from :func:`cached_buffer`.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+
+T = TypeVar("T")
+K = TypeVar("K")
 
 NAMESPACE = "fusionpasses"
 
@@ -38,6 +43,51 @@ def op_name(name: str) -> str:
 
 class KernelInputError(ValueError):
     """A fused op was called with arguments it does not support (dtype, layout, shape, divisibility)."""
+
+
+def outside_graph_pools(make: Callable[[], T], device: torch.device | int | None = None) -> T:
+    """Run ``make`` on a helper thread and wait for its GPU work: for buffers an op keeps between calls.
+
+    While Inductor's CUDA graph trees warm a graph up, every allocation of the calling thread lands
+    in the graph's memory pool, and a cached buffer found there fails the warm-up check ("tensor(s)
+    in the cudagraph pool not tracked as outputs"); a later replay could also reuse its memory. The
+    pool is chosen per thread, so a helper thread allocates from the ordinary caching allocator.
+    Not for use while the caller's stream is capturing (allocate per call then).
+    """
+    device = torch.cuda.current_device() if device is None else device
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            torch.cuda.set_device(device)
+            result.append(make())
+            torch.cuda.current_stream().synchronize()  # the caller's streams may not wait for this one
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            failure.append(e)
+
+    thread = threading.Thread(target=run, name="fusionpasses-outside-graph-pools")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+def cached_buffer(
+    cache: dict[K, torch.Tensor], key: K, make: Callable[[], torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """``cache[key]``, made by ``make`` on first use, outside CUDA graph pools. A buffer missing during
+    a capture is made for that call only and belongs to the graph, like its other temporaries."""
+    buffer = cache.get(key)
+    if buffer is None:
+        if device.type != "cuda":
+            buffer = cache[key] = make()
+        elif torch.cuda.is_current_stream_capturing():
+            return make()
+        else:
+            buffer = cache[key] = outside_graph_pools(make, device)
+    return buffer
 
 
 def check(condition: bool, op: str, message: str) -> None:

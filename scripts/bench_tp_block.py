@@ -45,6 +45,7 @@ import json  # noqa: E402
 import statistics  # noqa: E402
 
 import torch  # noqa: E402
+import torch._inductor.cudagraph_trees  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.distributed._functional_collectives as funcol  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -251,8 +252,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--gemm", choices=("scaled_mm", "bmm_fp8"), default="scaled_mm")
     parser.add_argument("--cudagraphs", action="store_true",
-                        help="replay each compiled forward as a CUDA graph (no host launch overhead); "
-                        "fails once AsyncTP fuses (a known bug, docs/benchmarks.md)")
+                        help="replay each compiled forward as a CUDA graph (Inductor's CUDA graph trees)")
     parser.add_argument("--iters", type=int, default=40, help="timed calls at 1024 tokens (fewer for more tokens)")
     parser.add_argument("--quick", action="store_true", help="a 20-second smoke run: 2 token counts, 1 layer")
     parser.add_argument("--out", default=os.environ.get("OUT") or "bench_out")
@@ -282,6 +282,10 @@ def main() -> None:
             plotted = plot(result, png_path)
             print(f"wrote {json_path}" + (f" and {png_path}" if plotted else " (no matplotlib: no plot)"))
     finally:
+        # Graphs that captured NCCL kernels made destroy_process_group hang at exit: free them first.
+        torch._dynamo.reset()
+        torch._inductor.cudagraph_trees.reset_cudagraph_trees()
+        torch.cuda.synchronize()
         dist.destroy_process_group()
 
 

@@ -144,16 +144,11 @@ def test_compiled_mlp_fuses_both_ends_and_matches_eager(nccl_group, kind, dynami
     assert stats.matched_count(f"all_gather+{label}") == 1 and stats.matched_count(f"{label}+reduce_scatter") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: on torch 2.11 Inductor's CUDA graph trees reject the fused ops' warm-up run with "
-    "'Detected 2 tensor(s) in the cudagraph pool not tracked as outputs' (2xH200, 2026-11-22)",
-)
 @pytest.mark.parametrize("kind", ["scaled_mm", pytest.param("bmm_fp8", marks=needs_flashinfer)])
 def test_compiled_mlp_replays_as_cuda_graph(nccl_group, kind):
     """Inductor's CUDA graph trees capture the fused ops: warm-up, capture and replays match eager.
-    Run it first in a fresh process (``-k cuda_graph``): the fused ops then also allocate the
-    SymmetricMemory workspace during the warm-up."""
+    The shard is larger than any earlier test's, so the warm-up grows the SymmetricMemory workspace
+    (which once put its rendezvous tables into the graph pool and failed the warm-up check)."""
     k, hidden = 1024, 4096
     f = _mlp(kind, k, hidden, nccl_group)
     pm = fusionpasses.PassManager(FUSE)
@@ -161,12 +156,33 @@ def test_compiled_mlp_replays_as_cuda_graph(nccl_group, kind):
     options = {"post_grad_custom_post_pass": pm, "triton.cudagraphs": True}
     compiled = torch.compile(f, options=options, fullgraph=True, dynamic=False)
     g = torch.Generator(device="cuda").manual_seed(300 + dist.get_rank())
-    # Larger than any earlier test's shard, so this graph's warm-up grows the workspace.
     xs = [torch.randn(4096, k, device="cuda", dtype=BF16, generator=g) for _ in range(4)]
     for x in xs:
         got = compiled(x).clone()
         torch.testing.assert_close(got.float(), f(x).float(), rtol=3e-2, atol=3e-2)
     assert pm.pass_by_name("async_tp").stats.matched == 2
+
+
+def test_cuda_graphs_captured_before_a_workspace_growth_still_replay(nccl_group):
+    """A graph captured at a small shape keeps its workspace addresses after a larger shape grew the
+    workspace: the replaced workspace must stay alive, and replays must still match eager."""
+    from fusionpasses.kernels import _symm_mem_pipeline as pipeline
+
+    k, hidden = 1024, 4096
+    f = _mlp("scaled_mm", k, hidden, nccl_group)
+    torch._dynamo.reset()
+    options = {"post_grad_custom_post_pass": fusionpasses.PassManager(FUSE), "triton.cudagraphs": True}
+    compiled = torch.compile(f, options=options, fullgraph=True, dynamic=False)
+    g = torch.Generator(device="cuda").manual_seed(400 + dist.get_rank())
+    small, large = 1024, 16384
+    sizes_seen = []
+    for m_local in [small] * 3 + [large] * 3 + [small] * 3:
+        x = torch.randn(m_local, k, device="cuda", dtype=BF16, generator=g)
+        got = compiled(x).clone()
+        torch.testing.assert_close(got.float(), f(x).float(), rtol=3e-2, atol=3e-2)
+        sizes_seen.append(pipeline._workspace_bytes[nccl_group.group_name])
+    assert sizes_seen[-1] > sizes_seen[2], "the large shape should have grown the workspace"
+    assert pipeline._replaced_workspaces, "the workspace the small graph captured must be kept"
 
 
 def test_sequence_dim_gather_and_scatter_match_eager(nccl_group):
