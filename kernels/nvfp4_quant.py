@@ -49,13 +49,12 @@ each, decoded with bit operations), reduces the amax, and stores the block's 8 p
 crosses threads. Rows that are not 4-byte aligned (odd row stride, or a base 2 bytes past a word) take the
 same kernel with 2-byte loads instead (correct, slower; ``word_loads_possible``). Tile sizes: the
 ``DEFAULT_*`` constants, from ``scripts/bench_nvfp4_quant.py --sweep``.
-E2M1 rounding is done in software (float32 adds and integer ops) on every GPU, Hopper and Blackwell
-alike. Blackwell's hardware ``cvt.rn.satfinite.e2m1x2.f32`` is not used: no Blackwell machine is available
-to check that inline-PTX path bit for bit. On H200 the kernel moves about half of a device copy's bytes
-per second (docs/benchmarks.md), and the version that shuffled values between threads through shared
-memory ran as fast as this one: what bounds it is instruction issue (decode, amax, scale, the software
-E2M1 rounding and packing, some 20-30 instructions per element), not memory. The hardware conversion
-would remove most of the rounding's share. The block scales use Triton's fp32 -> fp8e4nv cast on
+E2M1 rounding is done in software on every GPU, Hopper and Blackwell alike, as float and integer
+multiply-adds in inline PTX (``_PAIR_BYTE_PTX``, which explains why; Triton's CPU interpreter runs the
+same steps in Triton). Blackwell's hardware ``cvt.rn.satfinite.e2m1x2.f32`` is not used: no Blackwell
+machine is available to check that path bit for bit. On H200 the kernel moves 60-77% of a device copy's
+bytes per second at M >= 1024 (docs/benchmarks.md); it is no longer bound by one pipe, but by issue and
+memory latency together. The block scales use Triton's fp32 -> fp8e4nv cast on
 GPUs (``cvt.rn.satfinite``, nearest even) but software rounding under Triton's CPU interpreter, whose
 fp8 cast rounds ties and subnormals wrongly; both are checked against the reference (CPU suite and
 GPU tests). Divisions are IEEE (``tl.math.div_rn``): Triton's ``/`` is approximate on NVIDIA GPUs.
@@ -70,7 +69,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._triton import interpreting, jit, require_triton, tl, triton
+from ._triton import HAS_TRITON, interpreting, jit, require_triton, tl, triton
 from .library import (
     HALF_DTYPES,
     OpSample,
@@ -234,23 +233,77 @@ def _round_to_e4m3(v):
     return value, code
 
 
+# Packing one pair of values into its byte: the E2M1 rounding, written to keep this kernel off its limit.
+# On sm90, integer, logic and min/max instructions issue at half the rate of float multiply-adds and
+# integer multiply-adds, and an E2M1 rounding written with compares and selects made them this kernel's
+# bound (Nsight Compute: SM 78% busy, DRAM 44%, at 8192 x 7168 on H200). This form needs 3 of those per
+# value; the rest are multiply-adds:
+#   magnitude  t = min(|x| * factor, 6)  (|x * factor| = |x| * factor, rounded the same)
+#   binade     e = biased exponent of max(t, 1), so magic = 2^(e - 127) is 1, 2 or 4: the float32 whose ulp
+#              is 2^-23 times E2M1's step at t (0.5 below 2, subnormals included; 1 below 4; 2 up to 6)
+#   rounding   fma(t, 2^-22, magic): t * 2^-22 is exact, so the single rounding of the sum lands on
+#              E2M1's grid, ties to even, and its bits exceed magic's by the number of steps k
+#   code       k + 2 * (e - 127) = stepped_bits + e * (2 - 2^23) - 254: one integer multiply-add
+#   byte       low code + 16 * high code + the two sign bits (fields never overlap, so adds combine them),
+#              the signs taken from the input's bits since factor >= 0 (-0 and negatives that round to
+#              0 keep their sign, as in the reference)
+# Checked exhaustively against `e2m1_codes` for every float32 up to 24 in magnitude, both signs. min() and
+# max() return their non-NaN operand, so a NaN quantizes like 6 and stays in its own nibble.
+# ptxas keeps the PTX's instruction choice where LLVM would turn the multiply-adds back into shifts and
+# masks, so GPUs run the PTX; Triton's CPU interpreter, which cannot, runs the same steps in Triton.
+_PAIR_BYTE_PTX_SOURCE = """
+{
+.reg .f32 t<2>, m<2>, st<2>;
+.reg .b32 e<2>, mb<2>, c<2>, s;
+min.f32 t0, $1, 0f40C00000;
+min.f32 t1, $2, 0f40C00000;
+max.f32 m0, t0, 0f3F800000;
+max.f32 m1, t1, 0f3F800000;
+mov.b32 e0, m0;
+mov.b32 e1, m1;
+shr.u32 e0, e0, 23;
+shr.u32 e1, e1, 23;
+mul.lo.u32 mb0, e0, 8388608;
+mul.lo.u32 mb1, e1, 8388608;
+mov.b32 m0, mb0;
+mov.b32 m1, mb1;
+fma.rn.f32 st0, t0, 0f34800000, m0;
+fma.rn.f32 st1, t1, 0f34800000, m1;
+mov.b32 c0, st0;
+mov.b32 c1, st1;
+mad.lo.s32 c0, e0, -8388606, c0;
+mad.lo.s32 c1, e1, -8388606, c1;
+mad.lo.s32 c0, c1, 16, c0;
+and.b32 s, $3, 0x80008000;
+mul.hi.u32 s, s, 0x100100;
+add.s32 c0, c0, s;
+add.s32 $0, c0, -4318;
+}
+"""
+_PAIR_BYTE_PTX = tl.constexpr(_PAIR_BYTE_PTX_SOURCE) if HAS_TRITON else None
+
+
 @jit
-def _e2m1_codes(q):
-    """float32 -> E2M1 code 0..15: nearest of +-{0, .5, 1, 1.5, 2, 3, 4, 6}, ties to even, saturating."""
-    magnitude = tl.minimum(tl.abs(q), 6.0)
-    # E2M1 steps are 0.5 below 2, 1 below 4, 2 up to 6. Adding 2^22, 2^23 or 2^24 (whose float32 ulp is that
-    # step) rounds to the grid with the hardware's ties-to-even; the float32 bit difference then counts
-    # steps above zero (below 2), above 2 - 2 steps (below 4) or above 4 - 2 steps, and the offsets
-    # 0 / 2 / 4 turn that count into the code.
-    small = magnitude < 2.0
-    medium = magnitude < 4.0
-    magic = tl.where(small, 4194304.0, tl.where(medium, 8388608.0, 16777216.0))
-    magic_bits_minus_offset = tl.where(small, 0x4A800000, tl.where(medium, 0x4B000000 - 2, 0x4B800000 - 4))
-    code = (magnitude + magic).to(tl.int32, bitcast=True) - magic_bits_minus_offset
-    # The top 4 bits of float32 are the sign (bit 3 after the shift) and 3 exponent bits, which the
-    # mask drops; "& 7" also keeps a NaN's garbage code out of the neighbouring nibble.
-    sign_and_exponent = (q.to(tl.uint32, bitcast=True) >> 28).to(tl.int32)
-    return (code & 7) | (sign_and_exponent & ~7)
+def _biased_magnitude_code(t):
+    """The interpreter's copy of the PTX's steps for one value: E2M1 magnitude code of t in [0, 6], plus 254."""
+    e = tl.maximum(t, 1.0).to(tl.int32, bitcast=True) >> 23
+    stepped = tl.fma(t, 2.384185791015625e-07, (e << 23).to(tl.float32, bitcast=True))
+    return stepped.to(tl.int32, bitcast=True) + e * (2 - (1 << 23))
+
+
+@jit
+def _pair_byte(low_product, high_product, words, INTERPRETED: tl.constexpr):
+    """Packed byte (low 8 bits) of a pair: products |x| * factor and the 32-bit word holding the two inputs."""
+    if INTERPRETED:
+        low_code = _biased_magnitude_code(tl.minimum(low_product, 6.0))
+        high_code = _biased_magnitude_code(tl.minimum(high_product, 6.0))
+        # The high 32 bits of (words & 0x80008000) * (2^8 + 2^20) hold bit 31 at 7 (and 19) and bit 15 at 3.
+        signs = tl.umulhi((words & -2147450880).to(tl.uint32, bitcast=True), 0x100100).to(tl.int32, bitcast=True)
+        return low_code + high_code * 16 + signs - 17 * 254
+    else:
+        return tl.inline_asm_elementwise(
+            _PAIR_BYTE_PTX, "=r,f,f,r", [low_product, high_product, words], dtype=tl.int32, is_pure=True, pack=1
+        )
 
 
 @jit
@@ -262,14 +315,13 @@ def _nvfp4_quant_kernel(
     M,
     N,
     stride_xm,
-    packed_cols,
+    packed_row_words,
     scale_rows,
     scale_cols,
-    k_tiles,
     IS_BF16: tl.constexpr,
     WORD_LOADS: tl.constexpr,
     SWIZZLED: tl.constexpr,
-    SOFTWARE_E4M3: tl.constexpr,
+    INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -278,10 +330,10 @@ def _nvfp4_quant_kernel(
     # codes and the packed store all share that one shape, so no value ever moves between threads
     # (a reshape to (.., 16) and a split of (.., 2) would each be a layout conversion through shared memory).
     BLOCKS: tl.constexpr = BLOCK_K // 16
-    pid = tl.program_id(0)
-    # K tiles vary fastest, so neighbouring programs stream neighbouring bytes of the same rows.
-    pid_m = pid // k_tiles
-    pid_k = pid % k_tiles
+    # A 2-D grid (row tiles on axis 0, which has room for any M; K tiles on axis 1) spares every program
+    # an integer division by the K tile count, some 30 instructions.
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
 
     row = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     block = pid_k * BLOCKS + tl.arange(0, BLOCKS)
@@ -305,13 +357,18 @@ def _nvfp4_quant_kernel(
     else:
         # Odd row stride or a base not 4-byte aligned: the same layout from two 2-byte loads per pair.
         pair_ptr = x_ptr + rows * stride_xm + byte_col * 2
-        low = tl.load(pair_ptr, mask=in_x, other=0.0).to(tl.float32)
-        high = tl.load(pair_ptr + 1, mask=in_x, other=0.0).to(tl.float32)
+        low_half = tl.load(pair_ptr, mask=in_x, other=0.0)
+        high_half = tl.load(pair_ptr + 1, mask=in_x, other=0.0)
+        low = low_half.to(tl.float32)
+        high = high_half.to(tl.float32)
+        # The pair's word, as the word loads would read it; only its sign bits (15 and 31) are used.
+        low_bits = low_half.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        words = low_bits | (high_half.to(tl.int16, bitcast=True).to(tl.int32) << 16)
     global_scale = tl.load(global_scale_ptr)
 
     amax = tl.max(tl.maximum(tl.abs(low), tl.abs(high)), axis=2)
     scale = tl.minimum(amax * 0.16666666666666666 * global_scale, 448.0)
-    if SOFTWARE_E4M3:
+    if INTERPRETED:
         scale_value, scale_code = _round_to_e4m3(scale)
     else:
         scale_fp8 = scale.to(tl.float8e4nv)
@@ -322,7 +379,10 @@ def _nvfp4_quant_kernel(
     numerator = tl.full((BLOCK_M, BLOCKS), 1.0, tl.float32) * global_scale
     factor = tl.where(nonzero, tl.math.div_rn(numerator, tl.where(nonzero, scale_value, 1.0)), 0.0)[:, :, None]
 
-    packed = (_e2m1_codes(low * factor) | (_e2m1_codes(high * factor) << 4)).to(tl.uint8)
+    packed = _pair_byte(tl.abs(low) * factor, tl.abs(high) * factor, words, INTERPRETED).to(tl.uint8)
+    # Packed rows are whole 8-byte words; passing their count (not the byte count, which Triton only knows
+    # to be a multiple of 16 when it is) lets each block's 8 bytes go out as one 64-bit store for any width.
+    packed_cols = packed_row_words * 8
     tl.store(
         packed_ptr + rows * packed_cols + byte_col,
         packed,
@@ -361,8 +421,11 @@ class TileShape:
 
 
 # The default tile, in three numbers, from `scripts/bench_nvfp4_quant.py --sweep` on H200 (Triton 3.6,
-# 2026-11-22): 4x1024 with 4 warps had the best worst-shape bandwidth of 13 tiles (44.9% of a device
-# copy, 50.7% on average over M in {1024, 8192} x N in {7152, 14336}; 16x512/8w: 42.7%, 46.1%).
+# 2026-11-22, the multiply-add E2M1 rounding): the default (4x1024 with 4 warps at these M) ranked first of
+# 13 tiles by worst-shape bandwidth (60.0% of a device copy, 70.1% on average over M in {1024, 8192} x
+# N in {7152, 14336}; 8x512/4w: 57.8%, 67.9%), but the same tile timed again in that sweep gave 55.3%:
+# the top three are within noise. A persistent grid that prefetched the next tile's words into registers
+# gained at most 3% and was dropped.
 DEFAULT_BLOCK_K = 1024
 """Columns per program (at most): 64 blocks, so one warp's row of blocks is 2 KiB of contiguous bf16."""
 DEFAULT_TILE_ELEMENTS = 4096
@@ -428,8 +491,7 @@ def launch_nvfp4_quant(
     if tile is None:
         sm_count = 132 if interpreting() else torch.cuda.get_device_properties(x.device).multi_processor_count
         tile = default_tile(scale_rows, cols, sm_count)
-    k_tiles = triton.cdiv(cols, tile.block_k)
-    grid = (triton.cdiv(scale_rows, tile.block_m) * k_tiles,)
+    grid = (triton.cdiv(scale_rows, tile.block_m), triton.cdiv(cols, tile.block_k))
     _nvfp4_quant_kernel[grid](
         x,
         global_scale,
@@ -438,14 +500,13 @@ def launch_nvfp4_quant(
         m,
         n,
         x.stride(0),
-        width // 2,
+        width // 16,
         scale_rows,
         scale_cols,
-        k_tiles,
         IS_BF16=x.dtype == torch.bfloat16,
         WORD_LOADS=word_loads_possible(x),
         SWIZZLED=scale_layout == "swizzled",
-        SOFTWARE_E4M3=interpreting(),
+        INTERPRETED=interpreting(),
         BLOCK_M=tile.block_m,
         BLOCK_K=tile.block_k,
         num_warps=tile.num_warps,

@@ -1,6 +1,6 @@
 """AsyncTP benchmark: unfused (NCCL collective + GEMM) vs fusionpasses' fused ops vs torch's symm_mem ops.
 
-    torchrun --nproc-per-node 2 scripts/bench_async_tp.py [--quick] [--out DIR]
+    torchrun --nproc-per-node 2 scripts/bench_async_tp.py [--quick] [--kinds bmm_fp8,scaled_mm,mm] [--ms 4096,8192] [--out DIR]
 
 For every GEMM kind (FlashInfer bmm_fp8, torch._scaled_mm tensor-wise, bf16 mm), (K, N) and global M,
 both sides (all_gather -> GEMM, GEMM -> reduce_scatter) are timed in one run: the GEMM alone, the
@@ -156,6 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a 30-second smoke run")
     parser.add_argument("--kinds", default="bmm_fp8,scaled_mm,mm")
+    parser.add_argument("--ms", default="", help="comma-separated global M values (default: the full grid)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = parser.parse_args()
 
@@ -176,6 +177,8 @@ def main() -> None:
             if rank0:
                 print("FlashInfer is not installed: skipping bmm_fp8")
     ms = (4096, 16384) if args.quick else (1024, 2048, 4096, 8192, 16384)
+    if args.ms:
+        ms = tuple(int(m) for m in args.ms.split(","))
     shapes = [(8192, 8192)] if args.quick else [(4096, 4096), (8192, 8192), (8192, 28672 // ws)]
     results = []
     for kind in kinds:

@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
+from fusionpasses.kernels._triton import interpreting, tl, triton
 from fusionpasses.kernels.library import KernelInputError
 from fusionpasses.kernels.nvfp4_quant import (
     E2M1_VALUES,
+    _pair_byte,
     TileShape,
     default_tile,
     dequantize_nvfp4,
@@ -69,6 +71,51 @@ def test_e2m1_codes_match_brute_force_at_every_midpoint_and_its_neighbours():
     values = torch.cat([points, up, down, -points, -up, -down, torch.linspace(-8, 8, 1001)])
     expected = torch.tensor([_nearest_e2m1_code(v) for v in values.tolist()], dtype=torch.int32)
     assert torch.equal(e2m1_codes(values), expected)
+
+
+@triton.jit
+def _encode_pairs_kernel(low_ptr, high_ptr, out_ptr, n, INTERPRETED: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offsets < n
+    low = tl.load(low_ptr + offsets, mask=in_range, other=0.0)
+    high = tl.load(high_ptr + offsets, mask=in_range, other=0.0)
+    # The word the kernel would have loaded: only its sign bits (15 and 31) are read.
+    signs = (low.to(tl.int32, bitcast=True) >> 16) & 0x8000 | (high.to(tl.int32, bitcast=True) & -2147483648)
+    byte = _pair_byte(tl.abs(low), tl.abs(high), signs, INTERPRETED)
+    tl.store(out_ptr + offsets, byte.to(tl.uint8), mask=in_range)
+
+
+def encode_pairs(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """The quant kernel's pair encoder (PTX on GPUs, its Triton copy in the interpreter) on float32 products."""
+    out = torch.empty(low.shape, dtype=torch.uint8, device=low.device)
+    block = 1024
+    _encode_pairs_kernel[(triton.cdiv(low.numel(), block),)](
+        low, high, out, low.numel(), INTERPRETED=interpreting(), BLOCK=block
+    )
+    return out
+
+
+def expected_pair_bytes(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    return (e2m1_codes(low) | (e2m1_codes(high) << 4)).to(torch.uint8)
+
+
+def midpoint_neighbourhood(ulps: int = 3) -> torch.Tensor:
+    """Every E2M1 value and midpoint, 6 and beyond, and the float32 values up to ``ulps`` steps either side."""
+    points = torch.tensor([*E2M1_VALUES, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, 8.0, 24.0])
+    bits = points.view(torch.int32)
+    steps = torch.arange(-ulps, ulps + 1, dtype=torch.int32)
+    near = (bits[:, None] + steps[None, :]).clamp(min=0).view(torch.float32).flatten()
+    specials = torch.tensor([1e-45, 1e-30, 2.0**-104, 3.4e38, math.inf])
+    return torch.cat([near, specials])
+
+
+def test_pair_encoder_matches_e2m1_codes_at_midpoints_and_signs():
+    g = torch.Generator().manual_seed(0)
+    magnitudes = torch.cat([midpoint_neighbourhood(), torch.rand(4000, generator=g) * 8])
+    low = magnitudes * torch.where(torch.rand(magnitudes.shape, generator=g) < 0.5, -1.0, 1.0)
+    high = low[torch.randperm(low.numel(), generator=g)]
+    low[:2], high[:2] = torch.tensor([-0.0, 0.0]), torch.tensor([0.0, -0.0])  # -0 keeps its sign bit
+    assert torch.equal(encode_pairs(low, high), expected_pair_bytes(low, high))
 
 
 def test_torch_e4m3_cast_rounds_to_nearest_even_with_subnormals():

@@ -130,7 +130,9 @@ def test_compiled_mlp_fuses_both_ends_and_matches_eager(nccl_group, kind, dynami
     f = _mlp(kind, k, hidden, nccl_group)
     pm = fusionpasses.PassManager(FUSE)
     torch._dynamo.reset()
-    compiled = torch.compile(f, options={"post_grad_custom_post_pass": pm}, fullgraph=True, dynamic=dynamic)
+    # No FX graph cache: a cache hit (a second run on one machine) skips the passes, and so their stats.
+    options = {"post_grad_custom_post_pass": pm, "fx_graph_cache": False}
+    compiled = torch.compile(f, options=options, fullgraph=True, dynamic=dynamic)
     g = torch.Generator(device="cuda").manual_seed(100 + dist.get_rank())
     for m_local in (64, 200, 512) if dynamic else (256,):
         x = torch.randn(m_local, k, device="cuda", dtype=BF16, generator=g)
@@ -153,7 +155,7 @@ def test_compiled_mlp_replays_as_cuda_graph(nccl_group, kind):
     f = _mlp(kind, k, hidden, nccl_group)
     pm = fusionpasses.PassManager(FUSE)
     torch._dynamo.reset()
-    options = {"post_grad_custom_post_pass": pm, "triton.cudagraphs": True}
+    options = {"post_grad_custom_post_pass": pm, "triton.cudagraphs": True, "fx_graph_cache": False}
     compiled = torch.compile(f, options=options, fullgraph=True, dynamic=False)
     g = torch.Generator(device="cuda").manual_seed(300 + dist.get_rank())
     xs = [torch.randn(4096, k, device="cuda", dtype=BF16, generator=g) for _ in range(4)]
@@ -171,7 +173,7 @@ def test_cuda_graphs_captured_before_a_workspace_growth_still_replay(nccl_group)
     k, hidden = 1024, 4096
     f = _mlp("scaled_mm", k, hidden, nccl_group)
     torch._dynamo.reset()
-    options = {"post_grad_custom_post_pass": fusionpasses.PassManager(FUSE), "triton.cudagraphs": True}
+    options = {"post_grad_custom_post_pass": fusionpasses.PassManager(FUSE), "triton.cudagraphs": True, "fx_graph_cache": False}
     compiled = torch.compile(f, options=options, fullgraph=True, dynamic=False)
     g = torch.Generator(device="cuda").manual_seed(400 + dist.get_rank())
     small, large = 1024, 16384
@@ -205,7 +207,7 @@ def test_sequence_dim_gather_and_scatter_match_eager(nccl_group):
     pm = fusionpasses.PassManager(FUSE)
     torch._dynamo.reset()
     x = torch.randn(2, 128, 256, device="cuda", dtype=BF16, generator=torch.Generator(device="cuda").manual_seed(dist.get_rank()))
-    got = torch.compile(f, options={"post_grad_custom_post_pass": pm}, fullgraph=True)(x)
+    got = torch.compile(f, options={"post_grad_custom_post_pass": pm, "fx_graph_cache": False}, fullgraph=True)(x)
     want = f(x)
     assert got.shape == want.shape == (2, 128, 256)  # each rank keeps S / ws = 128 of the 256 tokens
     torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)

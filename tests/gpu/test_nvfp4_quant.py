@@ -26,7 +26,10 @@ from tests.test_nvfp4_quant import (
     ROW_LAYOUT_IDS,
     SEED_SHAPES,
     as_bytes,
+    encode_pairs,
+    expected_pair_bytes,
     global_scale_of,
+    midpoint_neighbourhood,
     round_up,
     scale_tie_input,
 )
@@ -68,6 +71,22 @@ def test_kernel_is_bit_identical_to_reference(m, n, dtype, layout):
     gs = global_scale_of(x)
     assert_matches_cpu_reference(x, gs, round_up(n, 32) if n % 32 else None, layout)
     assert_matches_cpu_reference(x, gs, round_up(n, 32) + 64, layout)
+
+
+def test_pair_encoder_on_every_float32_up_to_24_in_magnitude():
+    # The PTX encoder against the reference's E2M1 rounding on all 1.1e9 float32 magnitudes in [0, 24]
+    # (every tie and every neighbour of one), each as a low and as a high value, with random signs.
+    top = torch.tensor(24.0).view(torch.int32).item()
+    chunk = 1 << 27
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for start in range(0, top + 1, chunk):
+        magnitudes = torch.arange(start, min(start + chunk, top + 1), device="cuda", dtype=torch.int32).view(torch.float32)
+        signs = torch.where(torch.rand(magnitudes.shape, generator=g, device="cuda") < 0.5, -1.0, 1.0)
+        low, high = magnitudes * signs, magnitudes.flip(0) * -signs
+        mismatched = (encode_pairs(low, high) != expected_pair_bytes(low, high)).sum().item()
+        assert mismatched == 0, f"{mismatched} pairs differ among magnitudes from bits {start:#x}"
+    low = midpoint_neighbourhood(ulps=64).cuda()
+    assert torch.equal(encode_pairs(-low, low), expected_pair_bytes(-low, low))
 
 
 @pytest.mark.parametrize("global_scale", [1.0625, 1.1875, 1.25, 1.75])

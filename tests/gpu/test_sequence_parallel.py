@@ -34,7 +34,8 @@ def _replicated(*shape, seed, dtype=BF16, scale=1.0):
 
 
 def _compile(fn, config: FusionConfig, dynamic: bool | None = None):
-    options = fusionpasses.compile_options(config.replace(record_graphs=True))
+    # No FX graph cache: a cache hit (a second run on one machine) skips the passes, and so their stats.
+    options = {**fusionpasses.compile_options(config.replace(record_graphs=True)), "fx_graph_cache": False}
     torch._dynamo.reset()
     return torch.compile(fn, options=options, dynamic=dynamic), options["post_grad_custom_post_pass"]
 
