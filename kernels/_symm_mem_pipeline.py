@@ -3,30 +3,42 @@
 Two schedules, one interface:
 
 ``"one_compute_stream"``: every GEMM chunk runs on the caller's stream, one after the other; only the
-peer copies (device-to-device memcpys over NVLink) run on a side stream::
+peer copies (device-to-device memcpys over NVLink, run by copy engines) run on a side stream::
 
-    all_gather:      compute  [mv][b][ gemm(own shard) ][ gemm(peer 1) ][ gemm(peer 2) ]..[b]
-                     copies           [ cp peer 1 ][ cp peer 2 ]..
+    all_gather:      compute  [ gemm(own shard) ][ gemm(peer 1) ][ gemm(peer 2) ]..
+                     copies   [ push 1 ]s[w][cp 1]s [ push 2 ]s[w][cp 2]s..
     reduce_scatter:  compute  [ gemm(for peer 1) ][b][ gemm(for peer 2) ][b].. [ gemm(own rows) ]
                      copies                           [ cp ][b']              [ cp ][b']
+
+The all_gather's first GEMM starts at once, on the shard itself: each rank pushes its shard into
+its peers' SymmetricMemory slots, and copies what peers pushed into its slots out to ``gathered``
+(``cp``; when nothing else reads the gathered rows, the GEMM reads them in the slot instead). The
+two sides hand over with flags in the signal pads (``s`` sets one, ``w`` waits for one;
+:func:`_handshake_words`): CUDA stream memory operations, which the stream front end runs without
+an SM, so they proceed while the GEMM fills the GPU. Each flag goes back to 0 within the handshake,
+so a CUDA graph that replays the same writes stays in step. The previous schedule staged the shard
+in the local buffer and crossed two barrier kernels before the first GEMM, 24 us at 8192^3.
 
 ``"two_streams"``: torch's private pipelines (``torch.distributed._symmetric_memory``), which run GEMM
 chunks on two streams at once to fill the GPU's last wave.
 
-Which one wins depends on the GEMM (2x H200, scripts/bench_async_tp.py, docs/benchmarks.md):
-``torch._scaled_mm`` and bf16 ``mm`` chunks already fill the GPU, and two of them side by side run
-slower than one after the other (one stream: up to 1.24x over unfused, two streams up to 1.22x, and
-0.63x vs 1.11x at 2048x8192x8192). For FlashInfer's cuBLASLt ``bmm_fp8`` two streams are 3-7% faster
-from 8192 rows (1.06-1.13x vs 1.00-1.10x over unfused). ``SCHEDULE_BY_GEMM`` records that choice; two
-streams need a GEMM that is safe on concurrent streams (its own workspace per stream,
+Which one wins depends on the GEMM and the side (2x H200, scripts/bench_async_tp.py,
+docs/benchmarks.md). The all_gather on one stream is ahead for every kind, FlashInfer's ``bmm_fp8``
+included (1.16x vs 1.13x over unfused at 8192^3, 1.25x vs 1.19x at 16384x8192x8192), because its
+first GEMM starts at once. On the reduce_scatter side ``torch._scaled_mm`` and bf16 ``mm`` chunks
+already fill the GPU, and two of them side by side can run slower than one after the other (0.63x
+vs 1.11x at 2048x8192x8192 in an earlier run; within a few percent in the latest), while
+``bmm_fp8`` gains 0-5% from two streams. ``SCHEDULE_BY_GEMM`` records these choices; two streams need
+a GEMM that is safe on concurrent streams (its own workspace per stream,
 gemm_kinds.safe_on_concurrent_streams).
 
-``b`` is a SymmetricMemory barrier across the ranks of the group. Barriers that wait for peers run on
-the compute stream right after the GEMM whose output the peers read: a barrier queued on the copies
-stream behind a running GEMM could not start until that GEMM frees an SM, and the copy would then
-wait for the next GEMM as well. Both pipelines need SymmetricMemory enabled for the group
-(``fusionpasses.symm_mem.setup_symm_mem``). This file is the only place the kernel backend touches
-torch's private distributed APIs (the workspace buffer and the two-stream pipelines).
+``b`` is a SymmetricMemory barrier across the ranks of the group. The reduce_scatter's barriers that
+wait for peers run on the compute stream right after the GEMM whose output the peers read: a barrier
+kernel queued on the copies stream behind a running GEMM could not start until that GEMM frees an
+SM, and the copy would then wait for the next GEMM as well. Both pipelines need SymmetricMemory
+enabled for the group (``fusionpasses.symm_mem.setup_symm_mem``). This file is the only place the
+kernel backend touches torch's private distributed APIs (the workspace buffer and the two-stream
+pipelines) and the CUDA driver (the stream memory operations).
 
 The workspace and CUDA graphs (:func:`workspace`): torch keeps one SymmetricMemory workspace per
 group and replaces it when a call needs more. Growing it inside Inductor's CUDA graph trees broke
@@ -41,6 +53,8 @@ it raises, and a warm-up run of the same shapes before capturing avoids that, as
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -50,7 +64,12 @@ from . import gemm_kinds
 from .library import FP8_DTYPES, outside_graph_pools
 
 SCHEDULES = ("one_compute_stream", "two_streams")
-SCHEDULE_BY_GEMM = {"bmm_fp8": "two_streams", "scaled_mm": "one_compute_stream", "mm": "one_compute_stream"}
+SCHEDULE_BY_GEMM = {
+    ("bmm_fp8", "ag"): "one_compute_stream", ("bmm_fp8", "rs"): "two_streams",
+    ("scaled_mm", "ag"): "one_compute_stream", ("scaled_mm", "rs"): "one_compute_stream",
+    ("mm", "ag"): "one_compute_stream", ("mm", "rs"): "one_compute_stream",
+}
+"""Schedule by (GEMM kind, "ag" | "rs"), from scripts/bench_async_tp.py on 2x H200."""
 _forced_schedule: str | None = None
 _copy_streams: dict[int, torch.cuda.Stream] = {}
 _workspace_bytes: dict[str, int] = {}
@@ -73,9 +92,10 @@ def force_schedule(name: str) -> Iterator[None]:
         _forced_schedule = previous
 
 
-def schedule_for(gemm: str) -> str:
-    """The schedule for a GEMM kind of gemm_kinds.py; two streams only where that GEMM is safe on them."""
-    name = _forced_schedule or SCHEDULE_BY_GEMM[gemm_kinds.split_kind(gemm)[0]]
+def schedule_for(gemm: str, side: str) -> str:
+    """The schedule for a GEMM kind of gemm_kinds.py on one side ("ag" or "rs"); two streams only
+    where that GEMM is safe on them."""
+    name = _forced_schedule or SCHEDULE_BY_GEMM[gemm_kinds.split_kind(gemm)[0], side]
     if name == "two_streams" and not gemm_kinds.safe_on_concurrent_streams(gemm):
         return "one_compute_stream"
     return name
@@ -118,6 +138,47 @@ def reserve(group_name: str, nbytes: int) -> None:
     _workspace_bytes[group_name] = size
 
 
+def _handshake_words(symm, world_size: int) -> tuple[Callable[[int], int], Callable[[int], int]]:
+    """Words of each rank's signal pad for the all_gather handshake: the last 2 * world_size uint32s,
+    away from the first words torch's barriers use (channel * world_size + rank).
+
+    ready(sender), in the receiver's pad: 1 once ``sender``'s shard is in the receiver's slot for it.
+    in_use(receiver), in the sender's pad: 1 from its push into ``receiver`` until the receiver has
+    copied it out.
+    """
+    base = symm.signal_pad_size // 4 - 2 * world_size
+    return (lambda sender: base + sender), (lambda receiver: base + world_size + receiver)
+
+
+@functools.cache
+def _stream_memop(name: str):
+    # CUDA driver stream memory operations: a copy engine's stream front end waits on and writes these
+    # words itself, so the handshake needs no SM (a barrier kernel queued behind a running GEMM cannot
+    # start until the GEMM frees an SM). torch exposes the write but not the wait.
+    driver = ctypes.CDLL("libcuda.so.1")
+    function = getattr(driver, f"{name}_v2", None) or getattr(driver, name)
+    function.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _check_driver(result: int, what: str) -> None:
+    if result != 0:
+        raise RuntimeError(f"fusionpasses: {what} failed with CUDA driver error {result}")
+
+
+def _wait_flag(stream: torch.cuda.Stream, pad: int, word: int, value: int) -> None:
+    """Hold ``stream`` until the word equals ``value`` (CU_STREAM_WAIT_VALUE_EQ)."""
+    result = _stream_memop("cuStreamWaitValue32")(stream.cuda_stream, pad + 4 * word, value, 0x1)
+    _check_driver(result, "cuStreamWaitValue32")
+
+
+def _write_flag(stream: torch.cuda.Stream, pad: int, word: int, value: int) -> None:
+    """Write the word once the work queued before it on ``stream`` is done and visible (default fence)."""
+    result = _stream_memop("cuStreamWriteValue32")(stream.cuda_stream, pad + 4 * word, value, 0x0)
+    _check_driver(result, "cuStreamWriteValue32")
+
+
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     # Peer copies move bytes; uint8 views keep the pipelines independent of fp8 dtype support.
     return t.view(torch.uint8) if t.dtype in FP8_DTYPES else t
@@ -126,45 +187,74 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 def pipelined_all_gather(
     shard: torch.Tensor,
     consume: Callable[[torch.Tensor, int], None],
-    gathered: torch.Tensor,
+    gathered: torch.Tensor | None,
+    world_size: int,
     group_name: str,
     schedule: str,
 ) -> None:
-    """Gather ``shard`` rows from every rank into ``gathered``, calling ``consume(chunk, rank)`` per chunk."""
+    """Gather ``shard`` rows from every rank, calling ``consume(chunk, rank)`` per chunk, into
+    ``gathered`` (None: the chunks are consumed where they arrive and not kept)."""
     dtype = shard.dtype
-    shard, gathered = _as_bytes(shard.contiguous()), _as_bytes(gathered)
-    symm = workspace(group_name, shard.numel() * shard.element_size())
+    shard = _as_bytes(shard.contiguous())
+    nbytes = shard.numel() * shard.element_size()
+    # torch's two-stream pipeline stages the shard in one buffer; ours receives a slot per sender.
+    symm = workspace(group_name, nbytes if schedule == "two_streams" else world_size * nbytes)
 
     def consume_bytes(chunk: torch.Tensor, rank: int) -> None:
         consume(chunk.view(dtype), rank)
 
     if schedule == "two_streams":
-        _sm._pipelined_all_gather_and_consume(shard, consume_bytes, gathered, group_name)
+        rows = shard.new_empty((world_size * shard.shape[0], *shard.shape[1:])) if gathered is None else gathered
+        _sm._pipelined_all_gather_and_consume(shard, consume_bytes, _as_bytes(rows), group_name)
         return
     ws, rank = symm.world_size, symm.rank
-    chunks = gathered.chunk(ws)
     compute, copies = torch.cuda.current_stream(), _copy_stream()
+    pads = symm.signal_pad_ptrs
+    ready, in_use = _handshake_words(symm, ws)
 
-    symm.get_buffer(rank, shard.shape, shard.dtype).copy_(shard)
-    # Every rank's shard is now in its buffer.
-    symm.barrier(channel=0)
-    copies.wait_stream(compute)
+    def slot(owner: int, sender: int) -> torch.Tensor:
+        return symm.get_buffer(owner, shard.shape, shard.dtype, sender * shard.numel())
+
+    def take(stream: torch.cuda.Stream, sender: int) -> torch.Tensor:
+        _wait_flag(stream, pads[rank], ready(sender), 1)
+        _write_flag(stream, pads[rank], ready(sender), 0)
+        return slot(rank, sender)
+
+    def release(stream: torch.cuda.Stream, sender: int) -> None:
+        _write_flag(stream, pads[sender], in_use(rank), 0)
+
+    chunks = _as_bytes(gathered).chunk(ws) if gathered is not None else None
     arrived = []
+    copies.wait_stream(compute)
     with torch.cuda.stream(copies):
         for step in range(1, ws):
-            peer = (rank + step) % ws
-            chunks[peer].copy_(symm.get_buffer(peer, shard.shape, shard.dtype))
-            event = torch.cuda.Event()
-            event.record(copies)
-            arrived.append((peer, event))
-        chunks[rank].copy_(shard)
+            # Push to the peer that multiplies this rank's chunk first.
+            receiver = (rank - step) % ws
+            _wait_flag(copies, pads[rank], in_use(receiver), 0)
+            _write_flag(copies, pads[rank], in_use(receiver), 1)
+            slot(receiver, rank).copy_(shard)
+            _write_flag(copies, pads[receiver], ready(rank), 1)
+            if chunks is not None:
+                # Copied out right away: the slot is free for the next call before the GEMM reads it.
+                sender = (rank + step) % ws
+                chunks[sender].copy_(take(copies, sender))
+                release(copies, sender)
+                event = torch.cuda.Event()
+                event.record(copies)
+                arrived.append(event)
+        if chunks is not None:
+            chunks[rank].copy_(shard)
     consume_bytes(shard, rank)
-    for peer, event in arrived:
-        compute.wait_event(event)
-        consume_bytes(chunks[peer], peer)
+    for step in range(1, ws):
+        sender = (rank + step) % ws
+        if chunks is not None:
+            compute.wait_event(arrived[step - 1])
+            consume_bytes(chunks[sender], sender)
+        else:
+            consume_bytes(take(compute, sender), sender)
+            release(compute, sender)
+    # The pushes read `shard`: the caller may reuse it once this op is done.
     compute.wait_stream(copies)
-    # No rank refills its buffer (next call) before every peer has read it.
-    symm.barrier(channel=0)
 
 
 def pipelined_reduce_scatter_rows(

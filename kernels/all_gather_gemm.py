@@ -8,8 +8,10 @@ arrived is multiplied, so the GEMM of chunk r overlaps the copy of chunk r+1. Th
 own kind (see gemm_kinds.py), called with an out-variant on each chunk's rows of ``out``.
 On CPU it is the reference: a functional-collective all_gather, then the same GEMM as the unfused graph.
 
-Both outputs are returned: the pipeline materialises ``gathered`` anyway, and other users of the
-all_gather result in the graph read it from here instead of a second collective.
+Both outputs are returned, so other users of the all_gather result in the graph read ``gathered``
+from here instead of a second collective. With ``return_gathered=False`` (nothing else reads it) the
+chunks are multiplied where they land, in the SymmetricMemory slots, and ``gathered`` has 0 rows: two
+copies of the gathered rows fewer competing with the GEMM for memory bandwidth.
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ def _all_gather_rows(shard: torch.Tensor, world_size: int, group_name: str) -> t
 
 
 def reference_all_gather_gemm(
-    shard, B, A_scale, B_scale, gemm, out_dtype, world_size, group_name, use_fast_accum=False
+    shard, B, A_scale, B_scale, gemm, out_dtype, world_size, group_name, use_fast_accum=False, return_gathered=True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     gathered = _all_gather_rows(shard, world_size, group_name)
-    return gathered, gemm_kinds.compute(gemm, gathered, B, A_scale, B_scale, out_dtype, use_fast_accum)
+    out = gemm_kinds.compute(gemm, gathered, B, A_scale, B_scale, out_dtype, use_fast_accum)
+    return (gathered if return_gathered else gathered[:0].clone()), out
 
 
 @torch.library.custom_op(op_name(OP), mutates_args=(), device_types="cuda")
@@ -57,12 +60,13 @@ def all_gather_gemm(
     world_size: int,
     group_name: str,
     use_fast_accum: bool = False,
+    return_gathered: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _validate(shard, B, A_scale, B_scale, gemm, out_dtype, world_size, group_name)
     from ._symm_mem_pipeline import pipelined_all_gather, schedule_for
 
     m = shard.shape[0]
-    gathered = shard.new_empty((m * world_size, shard.shape[1]))
+    gathered = shard.new_empty((m * world_size if return_gathered else 0, shard.shape[1]))
     out = torch.empty(
         (m * world_size, B.shape[1]), dtype=gemm_kinds.result_dtype(gemm, shard, out_dtype), device=shard.device
     )
@@ -72,20 +76,28 @@ def all_gather_gemm(
         scale = gemm_kinds.rows_of_scale(A_scale, rows.start, rows.stop)
         gemm_kinds.compute_into(gemm, chunk, B, scale, B_scale, out[rows], use_fast_accum)
 
-    pipelined_all_gather(shard, consume, gathered, group_name, schedule_for(gemm))
+    pipelined_all_gather(
+        shard, consume, gathered if return_gathered else None, world_size, group_name, schedule_for(gemm, "ag")
+    )
     return gathered, out
 
 
 @all_gather_gemm.register_kernel("cpu")
-def _all_gather_gemm_cpu(shard, B, A_scale, B_scale, gemm, out_dtype, world_size, group_name, use_fast_accum=False):
+def _all_gather_gemm_cpu(
+    shard, B, A_scale, B_scale, gemm, out_dtype, world_size, group_name, use_fast_accum=False, return_gathered=True
+):
     _validate(shard, B, A_scale, B_scale, gemm, out_dtype, world_size, group_name)
-    return reference_all_gather_gemm(shard, B, A_scale, B_scale, gemm, out_dtype, world_size, group_name, use_fast_accum)
+    return reference_all_gather_gemm(
+        shard, B, A_scale, B_scale, gemm, out_dtype, world_size, group_name, use_fast_accum, return_gathered
+    )
 
 
 @all_gather_gemm.register_fake
-def _all_gather_gemm_fake(shard, B, A_scale, B_scale, gemm, out_dtype, world_size, group_name, use_fast_accum=False):
+def _all_gather_gemm_fake(
+    shard, B, A_scale, B_scale, gemm, out_dtype, world_size, group_name, use_fast_accum=False, return_gathered=True
+):
     rows = shard.shape[0] * world_size
-    gathered = shard.new_empty((rows, shard.shape[1]))
+    gathered = shard.new_empty((rows if return_gathered else 0, shard.shape[1]))
     out = shard.new_empty((rows, B.shape[1]), dtype=gemm_kinds.result_dtype(gemm, shard, out_dtype))
     return gathered, out
 
@@ -106,3 +118,4 @@ def _samples() -> Iterator[OpSample]:
     one = torch.tensor([0.5])
     yield OpSample((a8, w8, one, one, "scaled_mm", torch.bfloat16, ws, group), {}, name="scaled_mm")
     yield OpSample((a8, w8, one, one, "bmm_fp8", torch.bfloat16, ws, group), {}, name="bmm_fp8")
+    yield OpSample((a, b, None, None, "mm", None, ws, group, False, False), {}, name="mm-without-gathered")

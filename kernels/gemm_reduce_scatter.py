@@ -66,7 +66,7 @@ def gemm_reduce_scatter(
         scale = gemm_kinds.rows_of_scale(A_scale, rows.start, rows.stop)
         gemm_kinds.compute_into(gemm, A[rows], B, scale, B_scale, out, use_fast_accum)
 
-    pipelined_reduce_scatter_rows(produce, stacked, world_size, group_name, schedule_for(gemm))
+    pipelined_reduce_scatter_rows(produce, stacked, world_size, group_name, schedule_for(gemm, "rs"))
     partials = stacked.view(world_size, m, B.shape[1])
     if reduce_op == "sum" and world_size == 2:
         # Same bits as sum(dim=0) (one fp32 add, one rounding) from an elementwise kernel: at 8192^3 on

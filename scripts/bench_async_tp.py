@@ -17,6 +17,8 @@ import datetime
 import json
 import os
 import statistics
+import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -31,26 +33,51 @@ from fusionpasses.symm_mem import setup_symm_mem
 FP8 = torch.float8_e4m3fn
 BF16 = torch.bfloat16
 c10d = torch.ops._c10d_functional
+HOLD_CYCLES_PER_S = 2.0e9  # spin-kernel cycles per second at H100/H200 clocks (an overestimate elsewhere is harmless)
 
 
-def timed(fn, iters: int, reps: int = 5) -> float:
-    """Median ms per call over ``reps`` runs of ``iters`` calls, the slowest rank's."""
-    for _ in range(3):
+class Timing(NamedTuple):
+    device_ms: float
+    """Median GPU time per call, the slowest rank's."""
+    host_ms: float
+    """Median CPU time to enqueue one call, the slowest rank's."""
+
+
+def timed(fn, iters: int, reps: int = 5) -> Timing:
+    """Times ``iters`` back-to-back calls, ``reps`` times. A spin kernel holds the GPU until every call
+    is queued, so the device time excludes the host's launch latency, as under CUDA graphs: with a
+    few calls per run, a fused op's ~0.4 ms of Python per call would otherwise be counted as GPU
+    time. The host time per call is measured on the side (eager users pay it when it exceeds the
+    device time)."""
+    for _ in range(3):  # warm-up: JIT compilation, workspaces
         fn()
-    times = []
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    for _ in range(2):
+        fn()
+    warm_host = torch.tensor([(time.perf_counter() - began) / 2], device="cuda")
+    # One hold for all ranks: a rank whose GPU started later would make its peers wait in the first
+    # collective, and that wait would be timed.
+    dist.all_reduce(warm_host, op=dist.ReduceOp.MAX)
+    hold_s = min(0.2, 0.001 + 1.5 * iters * float(warm_host.item()))
+    hold_cycles = int(hold_s * HOLD_CYCLES_PER_S)
+    device, host = [], []
     for _ in range(reps):
         dist.barrier()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(hold_cycles)
         start.record()
+        began = time.perf_counter()
         for _ in range(iters):
             fn()
+        host.append((time.perf_counter() - began) / iters)
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    t = torch.tensor([statistics.median(times)], device="cuda")
+        device.append(start.elapsed_time(end) / iters)
+    t = torch.tensor([statistics.median(device), statistics.median(host) * 1e3], device="cuda")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return Timing(*t.tolist())
 
 
 def make_inputs(kind: str, rows: int, k: int, n: int, copies: int):
@@ -110,37 +137,40 @@ def run_case(kind, side, m, k, n, ws, group, profile):
         return a_list[it[0]]
 
     flops = 2.0 * m * k * n
-    iters = max(3, min(50, int(2e12 / flops) + 3))
+    iters = max(8, min(50, int(4e12 / flops) + 3))
     if side == "ag":
         full = [all_gather(x, ws, group) for x in a_list]
-        t_gemm = timed(lambda: gemm(full[it[0] % len(full)], b, sa, sb, dt), iters)
-        t_comm = timed(lambda: all_gather(a(), ws, group), iters)
-        t_unfused = timed(lambda: gemm(all_gather(a(), ws, group), b, sa, sb, dt), iters)
+        t_gemm = timed(lambda: gemm(full[it[0] % len(full)], b, sa, sb, dt), iters).device_ms
+        t_comm = timed(lambda: all_gather(a(), ws, group), iters).device_ms
+        unfused = timed(lambda: gemm(all_gather(a(), ws, group), b, sa, sb, dt), iters)
         ours = lambda: torch.ops.fusionpasses.all_gather_gemm(a(), b, sa, sb, kind, dt, ws, group)  # noqa: E731
         comm_bytes = m * k * elem
     else:
         partial = gemm(a_list[0], b, sa, sb, dt)
-        t_gemm = timed(lambda: gemm(a(), b, sa, sb, dt), iters)
-        t_comm = timed(lambda: reduce_scatter(partial, ws, group), iters)
-        t_unfused = timed(lambda: reduce_scatter(gemm(a(), b, sa, sb, dt), ws, group), iters)
+        t_gemm = timed(lambda: gemm(a(), b, sa, sb, dt), iters).device_ms
+        t_comm = timed(lambda: reduce_scatter(partial, ws, group), iters).device_ms
+        unfused = timed(lambda: reduce_scatter(gemm(a(), b, sa, sb, dt), ws, group), iters)
         ours = lambda: torch.ops.fusionpasses.gemm_reduce_scatter(a(), b, sa, sb, kind, dt, "sum", ws, group)  # noqa: E731
         comm_bytes = m * n * 2
-    t_ours = timed(ours, iters)
-    other_schedule = next(s for s in SCHEDULES if s != SCHEDULE_BY_GEMM[kind])
+    fused = timed(ours, iters)
+    t_unfused, t_ours = unfused.device_ms, fused.device_ms
+    schedule = SCHEDULE_BY_GEMM[kind, side]
+    other_schedule = next(s for s in SCHEDULES if s != schedule)
     with force_schedule(other_schedule):
-        t_other = timed(ours, iters)
+        t_other = timed(ours, iters).device_ms
     t_public = None
     if kind == "bmm_fp8":
         bmm_fp8_module.USE_FAST_PATH = False
-        t_public = timed(ours, iters)
+        t_public = timed(ours, iters).device_ms
         bmm_fp8_module.USE_FAST_PATH = True
     tf = torch_fused(kind, side, group)
-    t_torch = timed(lambda: tf(a(), b, sa, sb, dt), iters) if tf is not None else None
+    t_torch = timed(lambda: tf(a(), b, sa, sb, dt), iters).device_ms if tf is not None else None
     est = estimate(profile, kind, m, k, n, ws, comm_bytes, reduce=side == "rs")
-    fuse = est.speedup >= 1.0
+    fuse = est.speedup >= FusionConfig().async_tp_min_speedup  # what the pass decides by default
     return dict(
         kind=kind, side=side, M=m, K=k, N=n, world_size=ws,
-        gemm_ms=t_gemm, comm_ms=t_comm, unfused_ms=t_unfused, ours_ms=t_ours, schedule=SCHEDULE_BY_GEMM[kind],
+        gemm_ms=t_gemm, comm_ms=t_comm, unfused_ms=t_unfused, ours_ms=t_ours,
+        unfused_host_ms=unfused.host_ms, ours_host_ms=fused.host_ms, schedule=schedule,
         other_schedule=other_schedule, ours_other_schedule_ms=t_other,
         ours_public_api_ms=t_public,
         torch_ms=t_torch,
@@ -156,6 +186,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a 30-second smoke run")
     parser.add_argument("--kinds", default="bmm_fp8,scaled_mm,mm")
+    parser.add_argument("--sides", default="ag,rs", help="ag (all_gather + GEMM), rs (GEMM + reduce_scatter)")
     parser.add_argument("--ms", default="", help="comma-separated global M values (default: the full grid)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = parser.parse_args()
@@ -184,7 +215,7 @@ def main() -> None:
     for kind in kinds:
         for k, n in shapes:
             for m in ms:
-                for side in ("ag", "rs"):
+                for side in args.sides.split(","):
                     r = run_case(kind, side, m, k, n, ws, group, profile)
                     results.append(r)
                     if rank0:
@@ -194,7 +225,8 @@ def main() -> None:
                             f"{r['other_schedule']} {r['ours_other_schedule_ms']:.3f}  "
                             + (f"torch {r['torch_ms']:.3f} ({r['torch_speedup']:.2f}x)  " if r["torch_ms"] else "")
                             + (f"public-api {r['ours_public_api_ms']:.3f}  " if r["ours_public_api_ms"] else "")
-                            + f"overlap {r['overlap_efficiency']:.2f}  predicted {r['predicted_speedup']:.2f}x",
+                            + f"overlap {r['overlap_efficiency']:.2f}  predicted {r['predicted_speedup']:.2f}x  "
+                            + f"host/call unfused {r['unfused_host_ms']:.3f} ours {r['ours_host_ms']:.3f}",
                             flush=True,
                         )
     if rank0:
@@ -240,7 +272,7 @@ def plot(results, path, meta):
     kinds = sorted({r["kind"] for r in results})
     fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
-        for side in ("ag", "rs"):
+        for side in sorted({r["side"] for r in results}):
             for k, n in sorted({(r["K"], r["N"]) for r in results}):
                 rows = [r for r in results if r["kind"] == kind and r["side"] == side and (r["K"], r["N"]) == (k, n)]
                 ax.plot([r["M"] for r in rows], [r["speedup"] for r in rows], marker="o", label=f"{side} K={k} N={n}")

@@ -5,7 +5,8 @@
 Per (GEMM kind, side): a least-squares line through fused time against GEMM-alone time over the shapes
 whose GEMM takes >= 0.15 ms, with the intercept raised to the 90th percentile of the residuals, so
 that shapes where chunked cuBLAS kernels vary most are not overrated. The host floor is the smallest
-fused time. Prints the constants for ``GpuProfile.chunked`` / ``host_us`` and how the refitted model
+host time of a fused call (the benchmark times the GPU with every call queued ahead, and the host
+separately). Prints the constants for ``GpuProfile.chunked`` / ``host_us`` and how the refitted model
 would gate every measured shape (``--min-speedup``, as ``FusionConfig.async_tp_min_speedup``).
 Runs on the CPU.
 """
@@ -44,7 +45,7 @@ def main() -> None:
         points = [(r["gemm_ms"] * 1e3, r["ours_ms"] * 1e3) for r in results
                   if (r["kind"], r["side"]) == (kind, side) and r["gemm_ms"] >= MIN_GEMM_MS]
         chunked[(kind, side)] = tuple(round(v, 2) for v in fit_line(points))
-    host_us = round(min(r["ours_ms"] for r in results) * 1e3, -1)
+    host_us = round(min(r["ours_host_ms"] for r in results) * 1e3, -1)
     profile = dataclasses.replace(HOPPER, chunked=chunked, host_us=host_us)
     print(f"host_us={host_us}")
     print("chunked={" + ", ".join(f"{k!r}: ({a}, {b})" for k, (a, b) in chunked.items()) + "}")

@@ -60,6 +60,10 @@ def run_pass(gm, config=FUSE_ALWAYS) -> AsyncTPPass:
     return p
 
 
+def returns_gathered(fused: torch.fx.Node) -> bool:
+    return fused.args[9] if len(fused.args) > 9 else True
+
+
 def only_decline(p: AsyncTPPass):
     declined = p.stats.declined
     assert len(declined) == 1, declined
@@ -84,6 +88,7 @@ def test_all_gather_mm_fuses(fake_pg):
     assert p.stats.matched_count("all_gather+mm") == 1 and not p.stats.declined
     (fused,) = nodes_of(gm, fp.all_gather_gemm.default)
     assert fused.args[4] == "mm" and fused.args[6] == ws and fused.args[7] == dist.group.WORLD.group_name
+    assert not returns_gathered(fused), "nothing else reads the gathered rows: the op need not keep them"
     assert gm(x, w).shape == (8 * ws, 64)
 
 
@@ -146,6 +151,7 @@ def test_all_gather_with_extra_users_keeps_the_gathered_tensor(fake_pg):
     assert op_counts(gm)["_c10d_functional.all_gather_into_tensor.default"] == 0
     (fused,) = nodes_of(gm, fp.all_gather_gemm.default)
     assert sorted(u.args[1] for u in fused.users) == [0, 1]
+    assert returns_gathered(fused)
 
 
 # ---- GEMM -> reduce_scatter ---------------------------------------------------------------------

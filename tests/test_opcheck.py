@@ -4,7 +4,6 @@ Samples are generated inside a 1-rank gloo process group so that fused collectiv
 """
 
 import contextlib
-import os
 import socket
 
 import pytest

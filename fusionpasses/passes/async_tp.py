@@ -5,6 +5,7 @@ Column-parallel GEMM after an all_gather (sequence-parallel input):
     g = wait(all_gather(x_shard))            gathered, out = fusionpasses.all_gather_gemm(
     y = gemm(g, W)                    ->         x_shard, W, scales, gemm=<kind>, ...)
                                               y = out;  other users of g read `gathered`
+                                              (none: return_gathered=False, no copy kept)
 
 Row-parallel GEMM before a reduce_scatter:
 
@@ -112,6 +113,9 @@ class AllGatherGemm:
                     seq = _rank_major_to_seq(graph, gathered, ag.world_size, batch, k)
                     like_result = call(graph, aten.reshape.default, seq, [batch, -1, k])
             result.replace_all_uses_with(like_result)
+        else:
+            # Nothing else reads the gathered rows: the op multiplies them in place and keeps no copy.
+            fused.args = (*fused.args, False)
         shard_view = [ag.shard] if is_op(ag.shard, aten.view.dtype) else []
         _erase_unused(graph, [*shard_view, *ag.nodes])
 

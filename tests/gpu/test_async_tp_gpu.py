@@ -75,6 +75,11 @@ def test_fused_ops_match_unfused(nccl_group, case, gemm, m_local):
     assert torch.equal(gathered.view(torch.uint8), ref_gathered.view(torch.uint8))
     torch.testing.assert_close(out.float(), ref_out.float(), rtol=2e-2, atol=2e-2)
     assert torch.isfinite(out.float()).all()
+    # Without the gathered copy the chunks are multiplied in the SymmetricMemory slots: same bits.
+    nothing, out_in_place = torch.ops.fusionpasses.all_gather_gemm(
+        x["A"], x["B"], x["A_scale"], x["B_scale"], gemm, x["out_dtype"], ws, group, False, False
+    )
+    assert nothing.shape == (0, k) and torch.equal(out_in_place, out)
 
     y = _inputs(case, m_local, k, n, nccl_group, scatter=True)
     for reduce_op in ("sum", "avg"):
@@ -239,3 +244,38 @@ def test_pipeline_schedules_back_to_back(nccl_group, schedule, case, gemm):
         torch.testing.assert_close(out.float(), ref_out.float(), rtol=2e-2, atol=2e-2)
         want = reference_gemm_reduce_scatter(y["A"], y["B"], y["A_scale"], y["B_scale"], gemm, y["out_dtype"], "sum", ws, group)
         torch.testing.assert_close(rs.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("return_gathered", [True, False], ids=["gathered", "in-place"])
+@pytest.mark.parametrize("late_rank", [0, 1])
+def test_all_gather_handshake_holds_when_one_rank_runs_late(nccl_group, late_rank, return_gathered):
+    """The all_gather hands over through flags, not barriers: a rank must not overwrite a peer's slot
+    before the peer copied it out, nor read a slot before it is filled. One rank's GPU is held back
+    before every other call, so its peer runs ahead into the next call; every call's gathered rows
+    must still be the ones gathered, and the flags must end cleared for the next op. Values stay
+    below 256, where bf16 holds every integer, so a stale row cannot pass for a fresh one."""
+    from fusionpasses.kernels._symm_mem_pipeline import _handshake_words, force_schedule, workspace
+
+    ws, rank, group = dist.get_world_size(), dist.get_rank(), nccl_group.group_name
+    b = torch.eye(64, device="cuda", dtype=BF16)
+    shards = [torch.full((32, 64), 4 * call + rank, device="cuda", dtype=BF16) for call in range(24)]
+    results = []
+    with force_schedule("one_compute_stream"):
+        for call, shard in enumerate(shards):
+            if rank == late_rank and call % 2 == 0:
+                torch.cuda._sleep(2_000_000)  # about 1 ms of GPU time
+            results.append(
+                torch.ops.fusionpasses.all_gather_gemm(shard, b, None, None, "mm", None, ws, group, False, return_gathered)
+            )
+    for call, (gathered, out) in enumerate(results):
+        want = torch.cat([torch.full((32, 64), 4 * call + r, device="cuda", dtype=BF16) for r in range(ws)])
+        assert torch.equal(gathered, want if return_gathered else want[:0]), f"call {call}"
+        assert torch.equal(out, want), f"call {call}"
+    torch.cuda.synchronize()
+    dist.barrier()
+    torch.cuda.synchronize()
+    symm = workspace(group, ws * shards[0].numel() * shards[0].element_size())
+    ready, in_use = _handshake_words(symm, ws)
+    pad = symm.get_signal_pad(rank, (symm.signal_pad_size // 4,), torch.int32)
+    words = [ready(r) for r in range(ws)] + [in_use(r) for r in range(ws)]
+    assert pad[words].tolist() == [0] * (2 * ws)
