@@ -174,7 +174,9 @@ def _wait_flag(stream: torch.cuda.Stream, pad: int, word: int, value: int) -> No
 
 
 def _write_flag(stream: torch.cuda.Stream, pad: int, word: int, value: int) -> None:
-    """Write the word once the work queued before it on ``stream`` is done and visible (default fence)."""
+    """Write the word once the work queued before it on ``stream`` is done and visible (default fence).
+    Flags that need no fence would skip it with CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER, but the
+    driver rejects that flag on H200 with CUDA 13 (CUDA_ERROR_INVALID_VALUE)."""
     result = _stream_memop("cuStreamWriteValue32")(stream.cuda_stream, pad + 4 * word, value, 0x0)
     _check_driver(result, "cuStreamWriteValue32")
 
