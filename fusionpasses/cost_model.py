@@ -17,8 +17,8 @@ GEMM-alone time over the grid's shapes with GEMMs >= 0.15 ms, with b raised to t
 the residuals so that mid-size shapes, where chunked cuBLAS kernels vary most, are not overrated;
 t_host is the smallest host time of a fused call (its Python pipeline; the benchmark queues every
 call ahead of the GPU to time the device alone, and times the host on the side). Under CUDA graphs
-the host term does not apply, so the model errs towards keeping small GEMMs unfused. ``FusionConfig.async_tp_min_speedup`` adds a margin for
-run-to-run noise. Re-fit on other hardware with the same two scripts.
+the host term does not apply, so the model errs towards keeping small GEMMs unfused.
+``FusionConfig.async_tp_min_speedup`` adds a margin for run-to-run noise. Re-fit on other hardware with the same two scripts.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class GpuProfile:
     link_gbps: float
     """Peer copy rate over NVLink through SymmetricMemory buffers (GB/s)."""
     host_us: float
-    """Fastest fused call: the pipeline's host time (Python chunking, buffers, barriers, one GEMM per chunk)."""
+    """Fastest fused call's host time: its Python pipeline (chunking, buffers, handshakes, one GEMM per chunk)."""
     call_us: dict[str, float]
     """Launch cost of one GEMM call by kind, beyond its arithmetic."""
     chunked: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)

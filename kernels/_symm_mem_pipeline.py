@@ -24,7 +24,7 @@ chunks on two streams at once to fill the GPU's last wave.
 
 Which one wins depends on the GEMM and the side (2x H200, scripts/bench_async_tp.py,
 docs/benchmarks.md). The all_gather on one stream is ahead for every kind, FlashInfer's ``bmm_fp8``
-included (1.16x vs 1.13x over unfused at 8192^3, 1.25x vs 1.19x at 16384x8192x8192), because its
+included (1.16x vs 1.12x over unfused at 8192^3, 1.17x vs 1.08x at 16384x8192x8192), because its
 first GEMM starts at once. On the reduce_scatter side ``torch._scaled_mm`` and bf16 ``mm`` chunks
 already fill the GPU, and two of them side by side can run slower than one after the other (0.63x
 vs 1.11x at 2048x8192x8192 in an earlier run; within a few percent in the latest), while
@@ -143,8 +143,8 @@ def _handshake_words(symm, world_size: int) -> tuple[Callable[[int], int], Calla
     away from the first words torch's barriers use (channel * world_size + rank).
 
     ready(sender), in the receiver's pad: 1 once ``sender``'s shard is in the receiver's slot for it.
-    in_use(receiver), in the sender's pad: 1 from its push into ``receiver`` until the receiver has
-    copied it out.
+    in_use(receiver), in the sender's pad: 1 from its push into ``receiver`` until the receiver is done
+    with the slot (copied out, or multiplied in place).
     """
     base = symm.signal_pad_size // 4 - 2 * world_size
     return (lambda sender: base + sender), (lambda receiver: base + world_size + receiver)

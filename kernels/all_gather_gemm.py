@@ -10,8 +10,8 @@ On CPU it is the reference: a functional-collective all_gather, then the same GE
 
 Both outputs are returned, so other users of the all_gather result in the graph read ``gathered``
 from here instead of a second collective. With ``return_gathered=False`` (nothing else reads it) the
-chunks are multiplied where they land, in the SymmetricMemory slots, and ``gathered`` has 0 rows: two
-copies of the gathered rows fewer competing with the GEMM for memory bandwidth.
+peers' chunks are multiplied where they land, in the SymmetricMemory slots, and ``gathered`` has 0
+rows: no copies into ``gathered`` compete with the GEMM for memory bandwidth.
 """
 
 from __future__ import annotations

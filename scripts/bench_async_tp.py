@@ -1,13 +1,16 @@
 """AsyncTP benchmark: unfused (NCCL collective + GEMM) vs fusionpasses' fused ops vs torch's symm_mem ops.
 
-    torchrun --nproc-per-node 2 scripts/bench_async_tp.py [--quick] [--kinds bmm_fp8,scaled_mm,mm] [--ms 4096,8192] [--out DIR]
+    torchrun --nproc-per-node 2 scripts/bench_async_tp.py [--quick] [--kinds bmm_fp8,scaled_mm,mm] [--sides ag,rs]
+        [--ms 4096,8192] [--out DIR]
 
 For every GEMM kind (FlashInfer bmm_fp8, torch._scaled_mm tensor-wise, bf16 mm), (K, N) and global M,
 both sides (all_gather -> GEMM, GEMM -> reduce_scatter) are timed in one run: the GEMM alone, the
-collective alone, unfused, ours (the pipeline schedule SCHEDULE_BY_GEMM picks for the kind), ours with
+collective alone, unfused, ours (the pipeline schedule SCHEDULE_BY_GEMM picks for the kind and side), ours with
 the other schedule ("other"), ours with FlashInfer's public API (bmm_fp8), torch's fused op where one
 exists. Reported per shape: ms, speedup vs unfused, overlap efficiency max(gemm, comm) / fused, the
-cost model's decision and the speedup with that gating. Prints a table, writes JSON and a PNG.
+cost model's decision and the speedup with that gating. Times are GPU time with the calls queued ahead
+(see ``timed``); the JSON also has the host time per call of unfused and ours. Prints a table, writes
+JSON and a PNG.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from fusionpasses.symm_mem import setup_symm_mem
 FP8 = torch.float8_e4m3fn
 BF16 = torch.bfloat16
 c10d = torch.ops._c10d_functional
-HOLD_CYCLES_PER_S = 2.0e9  # spin-kernel cycles per second at H100/H200 clocks (an overestimate elsewhere is harmless)
+HOLD_CYCLES_PER_S = 2.0e9  # spin-kernel cycles per second at H100/H200 clocks; slower clocks only hold longer
 
 
 class Timing(NamedTuple):

@@ -250,7 +250,7 @@ def test_pipeline_schedules_back_to_back(nccl_group, schedule, case, gemm):
 @pytest.mark.parametrize("late_rank", [0, 1])
 def test_all_gather_handshake_holds_when_one_rank_runs_late(nccl_group, late_rank, return_gathered):
     """The all_gather hands over through flags, not barriers: a rank must not overwrite a peer's slot
-    before the peer copied it out, nor read a slot before it is filled. One rank's GPU is held back
+    before the peer is done with it, nor read a slot before it is filled. One rank's GPU is held back
     before every other call, so its peer runs ahead into the next call; every call's gathered rows
     must still be the ones gathered, and the flags must end cleared for the next op. Values stay
     below 256, where bf16 holds every integer, so a stale row cannot pass for a fresh one."""
