@@ -186,6 +186,15 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype in FP8_DTYPES else t
 
 
+def slot_stride_elements(buffer_bytes: int, world_size: int, element_size: int) -> int:
+    """Elements from one sender's all_gather slot to the next in a receiver's workspace: fixed for the
+    workspace, whatever the shard size. Placed by the shard size of the call, a slot could overlap, from
+    the third rank on, the slot another sender filled in the previous call, which the receiver may not
+    have read yet: ``in_use`` guards a (sender, receiver) pair, not bytes. With two ranks each receiver
+    has one sender, which is why only the 4-GPU tests showed it."""
+    return buffer_bytes // world_size // 16 * 16 // element_size
+
+
 def pipelined_all_gather(
     shard: torch.Tensor,
     consume: Callable[[torch.Tensor, int], None],
@@ -199,8 +208,9 @@ def pipelined_all_gather(
     dtype = shard.dtype
     shard = _as_bytes(shard.contiguous())
     nbytes = shard.numel() * shard.element_size()
+    slot_bytes = -(-nbytes // 16) * 16
     # torch's two-stream pipeline stages the shard in one buffer; ours receives a slot per sender.
-    symm = workspace(group_name, nbytes if schedule == "two_streams" else world_size * nbytes)
+    symm = workspace(group_name, nbytes if schedule == "two_streams" else world_size * slot_bytes)
 
     def consume_bytes(chunk: torch.Tensor, rank: int) -> None:
         consume(chunk.view(dtype), rank)
@@ -214,8 +224,10 @@ def pipelined_all_gather(
     pads = symm.signal_pad_ptrs
     ready, in_use = _handshake_words(symm, ws)
 
+    slot_stride = slot_stride_elements(symm.buffer_size, ws, shard.element_size())
+
     def slot(owner: int, sender: int) -> torch.Tensor:
-        return symm.get_buffer(owner, shard.shape, shard.dtype, sender * shard.numel())
+        return symm.get_buffer(owner, shard.shape, shard.dtype, sender * slot_stride)
 
     def take(stream: torch.cuda.Stream, sender: int) -> torch.Tensor:
         _wait_flag(stream, pads[rank], ready(sender), 1)

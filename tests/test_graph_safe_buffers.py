@@ -145,3 +145,18 @@ def test_a_workspace_someone_else_grew_is_not_counted_as_replaced(fake):
     fake.get_symm_mem_workspace("g", 16 << 20)  # e.g. torch's own fused ops grew it
     assert pipeline.workspace("g", 3 << 20).buffer.numel() == 16 << 20
     assert pipeline._replaced_workspaces == [] and pipeline._workspace_bytes == {"g": 4 << 20}
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4, 8])
+def test_all_gather_slots_stay_put_whatever_the_shard_size(world_size):
+    """A sender's slot must not move between calls of different sizes (it could land on another
+    sender's unread slot), and the slots of one call must fit the workspace side by side."""
+    buffer_bytes = 1 << 20
+    for element_size in (1, 2):
+        stride = pipeline.slot_stride_elements(buffer_bytes, world_size, element_size)
+        for shard_bytes in (16, 1000, 4096, buffer_bytes // world_size // 16 * 16):
+            slot_bytes = -(-shard_bytes // 16) * 16
+            assert world_size * slot_bytes <= buffer_bytes  # what pipelined_all_gather reserves
+            numel = shard_bytes // element_size
+            assert stride >= numel and (world_size - 1) * stride + numel <= buffer_bytes // element_size
+            assert stride * element_size % 16 == 0  # every slot starts 16-byte aligned

@@ -1,4 +1,4 @@
-"""AsyncTP on 2 GPUs: `torchrun --nproc-per-node 2 -m pytest tests/gpu/test_async_tp_gpu.py`.
+"""AsyncTP on 2 or more GPUs: `torchrun --nproc-per-node 2 -m pytest tests/gpu/test_async_tp_gpu.py` (or 4).
 
 The fused ops run their SymmetricMemory pipelines over NVLink; every pattern is compared with the
 unfused graph (NCCL collective + the same GEMM), eager and compiled, static and dynamic M.
@@ -16,13 +16,19 @@ import fusionpasses
 from fusionpasses import FusionConfig
 from fusionpasses.symm_mem import unavailable_reason
 
-pytestmark = pytest.mark.multi_gpu(2)
+pytestmark = pytest.mark.multi_gpu(2, exact=False)
 
 BF16 = torch.bfloat16
 FP8 = torch.float8_e4m3fn
 HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
 needs_flashinfer = pytest.mark.skipif(not HAS_FLASHINFER, reason="FlashInfer is not installed")
 FUSE = FusionConfig(async_tp=True, async_tp_gating="always")
+
+
+def _reduce_atol() -> float:
+    # NCCL's bf16 reduce_scatter rounds each of its ws - 1 additions; the fused op sums the ws partials in
+    # fp32 and rounds once. From four ranks on, the two differ by up to ~1.5 ulps where partials cancel.
+    return 2e-2 * (dist.get_world_size() - 1)
 
 
 def _rank_gen(nccl_group, shared: bool) -> torch.Generator:
@@ -65,29 +71,31 @@ def test_symmetric_memory_is_usable(nccl_group):
 @pytest.mark.parametrize("case,gemm", GEMMS)
 @pytest.mark.parametrize("m_local", [1, 256, 1000])
 def test_fused_ops_match_unfused(nccl_group, case, gemm, m_local):
+    from fusionpasses.kernels.all_gather_gemm import reference_all_gather_gemm
+    from fusionpasses.kernels.gemm_reduce_scatter import reference_gemm_reduce_scatter
+
     ws, group = dist.get_world_size(), nccl_group.group_name
     k, n = 512, 384
     x = _inputs(case, m_local, k, n, nccl_group, scatter=False)
-    gathered, out = torch.ops.fusionpasses.all_gather_gemm(x["A"], x["B"], x["A_scale"], x["B_scale"], gemm, x["out_dtype"], ws, group)
-    from fusionpasses.kernels.all_gather_gemm import reference_all_gather_gemm
+    args = (x["A"], x["B"], x["A_scale"], x["B_scale"], gemm, x["out_dtype"], ws, group)
+    # Every collective runs on every rank before the first assertion: a rank that failed early would
+    # leave its peers waiting in the next collective.
+    gathered, out = torch.ops.fusionpasses.all_gather_gemm(*args)
+    ref_gathered, ref_out = reference_all_gather_gemm(*args)
+    # Without the gathered copy the chunks are multiplied in the SymmetricMemory slots: same bits.
+    nothing, out_in_place = torch.ops.fusionpasses.all_gather_gemm(*args, False, False)
+    y = _inputs(case, m_local, k, n, nccl_group, scatter=True)
+    scattered = []
+    for reduce_op in ("sum", "avg"):
+        y_args = (y["A"], y["B"], y["A_scale"], y["B_scale"], gemm, y["out_dtype"], reduce_op, ws, group)
+        scattered.append((torch.ops.fusionpasses.gemm_reduce_scatter(*y_args), reference_gemm_reduce_scatter(*y_args)))
 
-    ref_gathered, ref_out = reference_all_gather_gemm(x["A"], x["B"], x["A_scale"], x["B_scale"], gemm, x["out_dtype"], ws, group)
     assert torch.equal(gathered.view(torch.uint8), ref_gathered.view(torch.uint8))
     torch.testing.assert_close(out.float(), ref_out.float(), rtol=2e-2, atol=2e-2)
     assert torch.isfinite(out.float()).all()
-    # Without the gathered copy the chunks are multiplied in the SymmetricMemory slots: same bits.
-    nothing, out_in_place = torch.ops.fusionpasses.all_gather_gemm(
-        x["A"], x["B"], x["A_scale"], x["B_scale"], gemm, x["out_dtype"], ws, group, False, False
-    )
     assert nothing.shape == (0, k) and torch.equal(out_in_place, out)
-
-    y = _inputs(case, m_local, k, n, nccl_group, scatter=True)
-    for reduce_op in ("sum", "avg"):
-        got = torch.ops.fusionpasses.gemm_reduce_scatter(y["A"], y["B"], y["A_scale"], y["B_scale"], gemm, y["out_dtype"], reduce_op, ws, group)
-        from fusionpasses.kernels.gemm_reduce_scatter import reference_gemm_reduce_scatter
-
-        want = reference_gemm_reduce_scatter(y["A"], y["B"], y["A_scale"], y["B_scale"], gemm, y["out_dtype"], reduce_op, ws, group)
-        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    for got, want in scattered:
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=_reduce_atol())
         assert got.float().abs().mean() > 0
 
 
@@ -235,15 +243,20 @@ def test_pipeline_schedules_back_to_back(nccl_group, schedule, case, gemm):
         for m_local, k, n in ((256, 512, 384), (96, 256, 640), (2048, 8192, 7168), (512, 512, 128)):
             x = _inputs(case, m_local, k, n, nccl_group, scatter=False)
             y = _inputs(case, m_local, k, n, nccl_group, scatter=True)
-            ag = torch.ops.fusionpasses.all_gather_gemm(x["A"], x["B"], x["A_scale"], x["B_scale"], gemm, x["out_dtype"], ws, group)
-            rs = torch.ops.fusionpasses.gemm_reduce_scatter(y["A"], y["B"], y["A_scale"], y["B_scale"], gemm, y["out_dtype"], "sum", ws, group)
-            calls.append((x, ag, y, rs))
-    for x, (gathered, out), y, rs in calls:
-        ref_gathered, ref_out = reference_all_gather_gemm(x["A"], x["B"], x["A_scale"], x["B_scale"], gemm, x["out_dtype"], ws, group)
+            x_args = (x["A"], x["B"], x["A_scale"], x["B_scale"], gemm, x["out_dtype"], ws, group)
+            y_args = (y["A"], y["B"], y["A_scale"], y["B_scale"], gemm, y["out_dtype"], "sum", ws, group)
+            ag = torch.ops.fusionpasses.all_gather_gemm(*x_args)
+            rs = torch.ops.fusionpasses.gemm_reduce_scatter(*y_args)
+            calls.append((x_args, ag, y_args, rs))
+    # All references (collectives) first, then the assertions: see test_fused_ops_match_unfused.
+    checks = [
+        (ag, reference_all_gather_gemm(*x_args), rs, reference_gemm_reduce_scatter(*y_args))
+        for x_args, ag, y_args, rs in calls
+    ]
+    for (gathered, out), (ref_gathered, ref_out), rs, want in checks:
         assert torch.equal(gathered.view(torch.uint8), ref_gathered.view(torch.uint8))
         torch.testing.assert_close(out.float(), ref_out.float(), rtol=2e-2, atol=2e-2)
-        want = reference_gemm_reduce_scatter(y["A"], y["B"], y["A_scale"], y["B_scale"], gemm, y["out_dtype"], "sum", ws, group)
-        torch.testing.assert_close(rs.float(), want.float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(rs.float(), want.float(), rtol=2e-2, atol=_reduce_atol())
 
 
 @pytest.mark.parametrize("return_gathered", [True, False], ids=["gathered", "in-place"])
@@ -258,7 +271,10 @@ def test_all_gather_handshake_holds_when_one_rank_runs_late(nccl_group, late_ran
 
     ws, rank, group = dist.get_world_size(), dist.get_rank(), nccl_group.group_name
     b = torch.eye(64, device="cuda", dtype=BF16)
-    shards = [torch.full((32, 64), 4 * call + rank, device="cuda", dtype=BF16) for call in range(24)]
+    # Shard sizes change from call to call: a sender's slot must not move onto another sender's slot
+    # that the receiver has not read yet (from three ranks on, where a receiver has several senders).
+    rows = [32 if call % 3 else 48 for call in range(24)]
+    shards = [torch.full((rows[call], 64), 4 * call + rank, device="cuda", dtype=BF16) for call in range(24)]
     results = []
     with force_schedule("one_compute_stream"):
         for call, shard in enumerate(shards):
@@ -267,15 +283,15 @@ def test_all_gather_handshake_holds_when_one_rank_runs_late(nccl_group, late_ran
             results.append(
                 torch.ops.fusionpasses.all_gather_gemm(shard, b, None, None, "mm", None, ws, group, False, return_gathered)
             )
-    for call, (gathered, out) in enumerate(results):
-        want = torch.cat([torch.full((32, 64), 4 * call + r, device="cuda", dtype=BF16) for r in range(ws)])
-        assert torch.equal(gathered, want if return_gathered else want[:0]), f"call {call}"
-        assert torch.equal(out, want), f"call {call}"
     torch.cuda.synchronize()
     dist.barrier()
     torch.cuda.synchronize()
-    symm = workspace(group, ws * shards[0].numel() * shards[0].element_size())
+    symm = workspace(group, ws * 48 * 64 * 2)
     ready, in_use = _handshake_words(symm, ws)
     pad = symm.get_signal_pad(rank, (symm.signal_pad_size // 4,), torch.int32)
     words = [ready(r) for r in range(ws)] + [in_use(r) for r in range(ws)]
     assert pad[words].tolist() == [0] * (2 * ws)
+    for call, (gathered, out) in enumerate(results):
+        want = torch.cat([torch.full((rows[call], 64), 4 * call + r, device="cuda", dtype=BF16) for r in range(ws)])
+        assert torch.equal(gathered, want if return_gathered else want[:0]), f"call {call}"
+        assert torch.equal(out, want), f"call {call}"

@@ -40,7 +40,7 @@ def _op_after(summary: dict, op: str) -> int:
     return next((row["after"] for row in summary["op_histogram"] if row["op"] == op), 0)
 
 
-@pytest.mark.multi_gpu(2)
+@pytest.mark.multi_gpu(2, exact=False)
 def test_user_module_fused_over_nccl_with_per_rank_timings(nccl_group, tmp_path):
     code, stdout, summary = _inspect(
         tmp_path, f"{USER_MODULE}:build", "--tokens", "512", "--passes", "async_tp",
@@ -56,14 +56,14 @@ def test_user_module_fused_over_nccl_with_per_rank_timings(nccl_group, tmp_path)
     assert _op_after(summary, "fusionpasses.all_gather_gemm.default") == 1
     assert _op_after(summary, "fusionpasses.gemm_reduce_scatter.default") == 1
     timings = summary["timings"]
-    assert [t["rank"] for t in timings] == [0, 1]
+    assert [t["rank"] for t in timings] == list(range(dist.get_world_size()))
     for t in timings:
         assert t["baseline_ms"] > 0 and t["passes_ms"] > 0
         assert t["max_abs_diff"] is not None and t["max_abs_diff"] <= 0.1  # bf16 layer-norm outputs
     assert "== timings ==" in stdout and "max|diff|" in stdout
 
 
-@pytest.mark.multi_gpu(2)
+@pytest.mark.multi_gpu(2, exact=False)
 @pytest.mark.parametrize("linear, tolerance", [("bf16", 0.1), ("scaled_mm", 0.3)])
 def test_reference_model_sp_and_async_tp_over_nccl(nccl_group, tmp_path, linear, tolerance):
     # FP8: a bf16 rounding difference can flip one FP8 rounding of the next layer's input (1/8 relative).

@@ -1,7 +1,7 @@
-"""Sequence parallelism on 2 GPUs, alone and chained into AsyncTP:
+"""Sequence parallelism on 2 or more GPUs, alone and chained into AsyncTP:
 
     source scripts/gpu_setup.sh
-    torchrun --nproc-per-node 2 -m pytest -q tests/gpu/test_sequence_parallel.py
+    torchrun --nproc-per-node 2 -m pytest -q tests/gpu/test_sequence_parallel.py   (or 4)
 
 Every rank compares its own output and residual with eager; the chained test also counts that the
 reduce_scatters and all_gathers SP introduced end up fused with the FP8 GEMMs next to them.
@@ -19,7 +19,7 @@ import fusionpasses
 from fusionpasses import FusionConfig
 from tests.sequence_parallel_norms import add_norm_fp32_sum
 
-pytestmark = pytest.mark.multi_gpu(2)
+pytestmark = pytest.mark.multi_gpu(2, exact=False)
 
 fp = torch.ops.fusionpasses
 BF16, FP8 = torch.bfloat16, torch.float8_e4m3fn
@@ -69,14 +69,17 @@ def bf16_block(hidden: int, inter: int, layers: int, norm: str):
 
 
 @pytest.mark.parametrize("norm", ["ops", "decomposed"])
-@pytest.mark.parametrize("tokens", [8, 4098])
-def test_sp_block_matches_eager(nccl_group, norm, tokens):
+@pytest.mark.parametrize("tokens_per_rank", [4, 2049])
+def test_sp_block_matches_eager(nccl_group, norm, tokens_per_rank):
+    tokens = tokens_per_rank * dist.get_world_size()
     block = bf16_block(hidden=1024, inter=2048, layers=3, norm=norm)
     compiled, pm = _compile(block, FusionConfig(sequence_parallel=True, sp_min_tokens=0))
     x, residual = _replicated(tokens, 1024, seed=1), _replicated(tokens, 1024, seed=2)
     out, new_residual = compiled(x, residual)
     expected_out, expected_residual = block(x, residual)
-    _assert_close(out, expected_out, "output")
+    # NCCL rounds each of the ws - 1 bf16 additions of its sums, in an order the all_reduce and SP's
+    # reduce_scatter do not share: 1-2 ulps apart where partials cancel, from four ranks on.
+    _assert_close(out, expected_out, "output", atol=2e-2 * (dist.get_world_size() - 1))
     # One bf16 ulp at |x| ~ 4 is 0.03: the compiled add rounds once where eager rounds per layer.
     _assert_close(new_residual, expected_residual, "residual", atol=6e-2)
     sp = pm.pass_by_name("sequence_parallel")
@@ -106,7 +109,9 @@ def test_sp_stays_off_below_the_hopper_threshold(nccl_group):
         pytest.skip("checks the Hopper row of the threshold table")
     block = bf16_block(hidden=8192, inter=1024, layers=1, norm="ops")
     compiled, pm = _compile(block, FusionConfig(sequence_parallel=True), dynamic=False)
-    for tokens, applies in ((512, False), (1024, True)):
+    # 8 MiB per GPU at hidden 8192 in bf16: 1024 tokens at TP2, 2048 at TP4.
+    min_tokens = 512 * dist.get_world_size()
+    for tokens, applies in ((min_tokens // 2, False), (min_tokens, True)):
         x, residual = _replicated(tokens, 8192, seed=3), _replicated(tokens, 8192, seed=4)
         compiled(x, residual)
         ops = pm.pass_by_name("sequence_parallel").stats.runs[-1].after.op_histogram()
