@@ -190,8 +190,8 @@ def slot_stride_elements(buffer_bytes: int, world_size: int, element_size: int) 
     """Elements from one sender's all_gather slot to the next in a receiver's workspace: fixed for the
     workspace, whatever the shard size. Placed by the shard size of the call, a slot could overlap, from
     the third rank on, the slot another sender filled in the previous call, which the receiver may not
-    have read yet: ``in_use`` guards a (sender, receiver) pair, not bytes. With two ranks each receiver
-    has one sender, which is why only the 4-GPU tests showed it."""
+    have read yet: ``in_use`` guards a (sender, receiver) pair, not bytes. (With two ranks each receiver
+    has one sender.)"""
     return buffer_bytes // world_size // 16 * 16 // element_size
 
 
