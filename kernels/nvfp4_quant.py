@@ -43,21 +43,23 @@ Consumers: CUTLASS and cuBLASLt NVFP4 GEMMs need K (the packed row length in ele
 only needs whole blocks (multiples of 16). With the swizzled layout, padding K from N to round_up(N, 32)
 never changes the scale tensor's shape (its columns are already padded to 4 blocks = 64 elements).
 
-GPU kernel: Triton, one program per (row tile, K tile), bit-identical to :func:`reference_nvfp4_quant`.
-Each thread owns whole scale blocks: it loads a block's 16 values as eight 32-bit words (two elements
-each, decoded with bit operations), reduces the amax, and stores the block's 8 packed bytes, so no value
-crosses threads. Rows that are not 4-byte aligned (odd row stride, or a base 2 bytes past a word) take the
-same kernel with 2-byte loads instead (correct, slower; ``word_loads_possible``). Tile sizes: the
-``DEFAULT_*`` constants, from ``scripts/bench_nvfp4_quant.py --sweep``.
+GPU kernel: Triton, bit-identical to :func:`reference_nvfp4_quant`. A program quantizes a (row tile,
+K tile) of x; for large inputs a few programs per SM walk the row tiles, loading the next ones ahead
+(``TileShape``, ``default_tile``, tuned by ``scripts/bench_nvfp4_quant.py --sweep``). Each thread owns
+whole scale blocks: it loads a block's 16 values as eight 32-bit words (two elements each, decoded with
+bit operations), reduces the amax, and stores the block's 8 packed bytes, so no value crosses threads.
+Rows that are not 4-byte aligned (odd row stride, or a base 2 bytes past a word) take the same kernel
+with 2-byte loads instead (correct, slower; ``word_loads_possible``).
 E2M1 rounding is done in software on every GPU, Hopper and Blackwell alike, as float and integer
 multiply-adds in inline PTX (``_PAIR_BYTE_PTX``, which explains why; Triton's CPU interpreter runs the
 same steps in Triton). Blackwell's hardware ``cvt.rn.satfinite.e2m1x2.f32`` is not used: no Blackwell
-machine is available to check that path bit for bit. On H200 the kernel moves 60-77% of a device copy's
-bytes per second at M >= 1024 (docs/benchmarks.md); it is no longer bound by one pipe, but by issue and
-memory latency together. The block scales use Triton's fp32 -> fp8e4nv cast on
-GPUs (``cvt.rn.satfinite``, nearest even) but software rounding under Triton's CPU interpreter, whose
-fp8 cast rounds ties and subnormals wrongly; both are checked against the reference (CPU suite and
-GPU tests). Divisions are IEEE (``tl.math.div_rn``): Triton's ``/`` is approximate on NVIDIA GPUs.
+machine is available to check that path bit for bit. On H200 the kernel moves 59-82% of a device copy's
+bytes per second at M >= 1024 (docs/benchmarks.md): about 80% from M = 8192, 60% at 1024 x 7168, where
+its loads and stores alone, without the arithmetic, reach 65-71%. The block scales use Triton's
+fp32 -> fp8e4nv cast on GPUs (``cvt.rn.satfinite``, nearest even) but software rounding under Triton's
+CPU interpreter, whose fp8 cast rounds ties and subnormals wrongly; both are checked against the
+reference (CPU suite and GPU tests). Divisions are IEEE (``tl.math.div_rn``): Triton's ``/`` is
+approximate on NVIDIA GPUs.
 NaN inputs give unspecified codes, confined to the NaN's own nibble.
 """
 
@@ -89,6 +91,8 @@ E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 SCALE_LAYOUTS = ("linear", "swizzled")
 SWIZZLE_TILE_ROWS = 128
+MAX_GRID_Y = 65535
+"""CUDA's limit on a grid's y and z extents."""
 SWIZZLE_TILE_COLS = 4
 
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -237,16 +241,19 @@ def _round_to_e4m3(v):
 # On sm90, integer, logic and min/max instructions issue at half the rate of float multiply-adds and
 # integer multiply-adds, and an E2M1 rounding written with compares and selects made them this kernel's
 # bound (Nsight Compute: SM 78% busy, DRAM 44%, at 8192 x 7168 on H200). This form needs 3 of those per
-# value; the rest are multiply-adds:
-#   magnitude  t = min(|x| * factor, 6)  (|x * factor| = |x| * factor, rounded the same)
+# value and 11 instructions per pair in all; the rest are multiply-adds:
+#   magnitude  t = min(|x * factor|, 6)  (the |.| folds into the min as an operand modifier)
 #   binade     e = biased exponent of max(t, 1), so magic = 2^(e - 127) is 1, 2 or 4: the float32 whose ulp
 #              is 2^-23 times E2M1's step at t (0.5 below 2, subnormals included; 1 below 4; 2 up to 6)
-#   rounding   fma(t, 2^-22, magic): t * 2^-22 is exact, so the single rounding of the sum lands on
-#              E2M1's grid, ties to even, and its bits exceed magic's by the number of steps k
-#   code       k + 2 * (e - 127) = stepped_bits + e * (2 - 2^23) - 254: one integer multiply-add
-#   byte       low code + 16 * high code + the two sign bits (fields never overlap, so adds combine them),
-#              the signs taken from the input's bits since factor >= 0 (-0 and negatives that round to
-#              0 keep their sign, as in the reference)
+#   rounding   fma(t, 2^-22, magic + 2 ulp): t * 2^-22 is exact, so the single rounding of the sum lands
+#              on E2M1's grid, ties to even (the 2 ulp keep the parity), and its bits exceed magic's by
+#              the number of steps k plus 2
+#   code       k + 2 * (e - 127) = stepped_bits + e * (2 - 2^23) - 256: one integer multiply-add,
+#              leaving out the -256, which no byte can see
+#   byte       low code + 16 * high code + the two sign bits, the sum's low 8 bits (the fields never
+#              overlap, so adds combine them). The signs come from the input's bits since factor >= 0
+#              (-0 and negatives that round to 0 keep their sign, as in the reference), moved into place
+#              by the high half of one multiply whose add takes the codes.
 # Checked exhaustively against `e2m1_codes` for every float32 up to 24 in magnitude, both signs. min() and
 # max() return their non-NaN operand, so a NaN quantizes like 6 and stays in its own nibble.
 # ptxas keeps the PTX's instruction choice where LLVM would turn the multiply-adds back into shifts and
@@ -255,16 +262,18 @@ _PAIR_BYTE_PTX_SOURCE = """
 {
 .reg .f32 t<2>, m<2>, st<2>;
 .reg .b32 e<2>, mb<2>, c<2>, s;
-min.f32 t0, $1, 0f40C00000;
-min.f32 t1, $2, 0f40C00000;
+abs.f32 t0, $1;
+abs.f32 t1, $2;
+min.f32 t0, t0, 0f40C00000;
+min.f32 t1, t1, 0f40C00000;
 max.f32 m0, t0, 0f3F800000;
 max.f32 m1, t1, 0f3F800000;
 mov.b32 e0, m0;
 mov.b32 e1, m1;
 shr.u32 e0, e0, 23;
 shr.u32 e1, e1, 23;
-mul.lo.u32 mb0, e0, 8388608;
-mul.lo.u32 mb1, e1, 8388608;
+mad.lo.u32 mb0, e0, 8388608, 2;
+mad.lo.u32 mb1, e1, 8388608, 2;
 mov.b32 m0, mb0;
 mov.b32 m1, mb1;
 fma.rn.f32 st0, t0, 0f34800000, m0;
@@ -275,9 +284,7 @@ mad.lo.s32 c0, e0, -8388606, c0;
 mad.lo.s32 c1, e1, -8388606, c1;
 mad.lo.s32 c0, c1, 16, c0;
 and.b32 s, $3, 0x80008000;
-mul.hi.u32 s, s, 0x100100;
-add.s32 c0, c0, s;
-add.s32 $0, c0, -4318;
+mad.hi.u32 $0, s, 0x100100, c0;
 }
 """
 _PAIR_BYTE_PTX = tl.constexpr(_PAIR_BYTE_PTX_SOURCE) if HAS_TRITON else None
@@ -293,10 +300,10 @@ def _biased_magnitude_code(t):
 
 @jit
 def _pair_byte(low_product, high_product, words, INTERPRETED: tl.constexpr):
-    """Packed byte (low 8 bits) of a pair: products |x| * factor and the 32-bit word holding the two inputs."""
+    """Packed byte (low 8 bits) of a pair: products x * factor and the 32-bit word holding the two inputs."""
     if INTERPRETED:
-        low_code = _biased_magnitude_code(tl.minimum(low_product, 6.0))
-        high_code = _biased_magnitude_code(tl.minimum(high_product, 6.0))
+        low_code = _biased_magnitude_code(tl.minimum(tl.abs(low_product), 6.0))
+        high_code = _biased_magnitude_code(tl.minimum(tl.abs(high_product), 6.0))
         # The high 32 bits of (words & 0x80008000) * (2^8 + 2^20) hold bit 31 at 7 (and 19) and bit 15 at 3.
         signs = tl.umulhi((words & -2147450880).to(tl.uint32, bitcast=True), 0x100100).to(tl.int32, bitcast=True)
         return low_code + high_code * 16 + signs - 17 * 254
@@ -324,19 +331,62 @@ def _nvfp4_quant_kernel(
     INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    WALK: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     # Every tensor is laid out (row, block, pair): pair p of block b holds elements 16b + 2p (low) and
     # 16b + 2p + 1 (high), which become byte 8b + p of the packed row. Loads, the per-block amax, the
     # codes and the packed store all share that one shape, so no value ever moves between threads
     # (a reshape to (.., 16) and a split of (.., 2) would each be a layout conversion through shared memory).
     BLOCKS: tl.constexpr = BLOCK_K // 16
-    # A 2-D grid (row tiles on axis 0, which has room for any M; K tiles on axis 1) spares every program
-    # an integer division by the K tile count, some 30 instructions.
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    # The grid is (K tiles, row tiles): a 2-D grid spares every program an integer division by the K tile
+    # count, some 30 instructions, and K tiles on axis 0 give programs launched one after another
+    # neighbouring columns of the same rows (3-7% faster on H200 than the other order). Axes 1 and 2
+    # hold at most 65535 programs each, so row programs are numbered program_id(1) + 65535 *
+    # program_id(2); programs past the last tile store nothing. With WALK there are fewer row programs
+    # than row tiles: each walks the row tiles as many apart as there are row programs, and with
+    # STAGES > 1 Triton copies the next tiles' inputs into shared memory (cp.async) while this one is
+    # quantized.
+    block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    row_program = tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
+    global_scale = tl.load(global_scale_ptr)
+    if WALK:
+        row_programs = tl.num_programs(1) * tl.num_programs(2)
+        for row_tile in tl.range(row_program, tl.cdiv(scale_rows, BLOCK_M), row_programs, num_stages=STAGES):
+            row = (row_tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            _quantize_tile(x_ptr, global_scale, packed_ptr, scales_ptr, M, N, stride_xm, packed_row_words,
+                           scale_rows, scale_cols, row, block, IS_BF16, WORD_LOADS, SWIZZLED, INTERPRETED,
+                           BLOCK_M, BLOCKS)
+    else:
+        # One tile per program; a loop that runs once would still cost registers (fewer programs per SM).
+        row = (row_program * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        _quantize_tile(x_ptr, global_scale, packed_ptr, scales_ptr, M, N, stride_xm, packed_row_words,
+                       scale_rows, scale_cols, row, block, IS_BF16, WORD_LOADS, SWIZZLED, INTERPRETED,
+                       BLOCK_M, BLOCKS)
 
-    row = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    block = pid_k * BLOCKS + tl.arange(0, BLOCKS)
+
+@jit
+def _quantize_tile(
+    x_ptr,
+    global_scale,
+    packed_ptr,
+    scales_ptr,
+    M,
+    N,
+    stride_xm,
+    packed_row_words,
+    scale_rows,
+    scale_cols,
+    row,
+    block,
+    IS_BF16: tl.constexpr,
+    WORD_LOADS: tl.constexpr,
+    SWIZZLED: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCKS: tl.constexpr,
+):
+    """Quantize rows ``row`` x scale blocks ``block`` of x into both outputs (see the kernel for the layout)."""
     rows = row[:, None, None]
     byte_col = block[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
     # Columns N..width and rows M..scale_rows load as zeros: they quantize to zero codes and scales,
@@ -364,7 +414,6 @@ def _nvfp4_quant_kernel(
         # The pair's word, as the word loads would read it; only its sign bits (15 and 31) are used.
         low_bits = low_half.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         words = low_bits | (high_half.to(tl.int16, bitcast=True).to(tl.int32) << 16)
-    global_scale = tl.load(global_scale_ptr)
 
     amax = tl.max(tl.maximum(tl.abs(low), tl.abs(high)), axis=2)
     scale = tl.minimum(amax * 0.16666666666666666 * global_scale, 448.0)
@@ -379,7 +428,7 @@ def _nvfp4_quant_kernel(
     numerator = tl.full((BLOCK_M, BLOCKS), 1.0, tl.float32) * global_scale
     factor = tl.where(nonzero, tl.math.div_rn(numerator, tl.where(nonzero, scale_value, 1.0)), 0.0)[:, :, None]
 
-    packed = _pair_byte(tl.abs(low) * factor, tl.abs(high) * factor, words, INTERPRETED).to(tl.uint8)
+    packed = _pair_byte(low * factor, high * factor, words, INTERPRETED).to(tl.uint8)
     # Packed rows are whole 8-byte words; passing their count (not the byte count, which Triton only knows
     # to be a multiple of 16 when it is) lets each block's 8 bytes go out as one 64-bit store for any width.
     packed_cols = packed_row_words * 8
@@ -405,11 +454,16 @@ def _nvfp4_quant_kernel(
 
 @dataclass(frozen=True)
 class TileShape:
-    """Elements of x one program quantizes (BLOCK_M rows x BLOCK_K columns) and its warp count."""
+    """Elements of x one program quantizes at a time (BLOCK_M rows x BLOCK_K columns), its warp count, and
+    how the programs walk the row tiles: one program per tile (``programs_per_sm = 0``), or at most
+    ``programs_per_sm`` per SM, each quantizing every so many row tiles with ``stages`` tiles' inputs
+    loading ahead."""
 
     block_m: int
     block_k: int
     num_warps: int
+    programs_per_sm: int = 0
+    stages: int = 1
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_k", "num_warps"):
@@ -418,14 +472,27 @@ class TileShape:
                 raise ValueError(f"TileShape.{name} must be a power of 2, got {value}")
         if self.block_k < BLOCK_SIZE:
             raise ValueError(f"TileShape.block_k must be >= {BLOCK_SIZE}, got {self.block_k}")
+        if self.programs_per_sm < 0 or self.stages < 1:
+            raise ValueError(f"TileShape needs programs_per_sm >= 0 and stages >= 1, got {self}")
+
+    def row_programs(self, row_tiles: int, k_tiles: int, sm_count: int) -> int:
+        """Programs along the rows: one per row tile, or at most as many as ``programs_per_sm`` allows, and
+        no more than it takes to give each the same number of tiles: a program with one tile more than
+        the rest would set the kernel's time."""
+        if self.programs_per_sm == 0:
+            return row_tiles
+        most = max(1, min(row_tiles, self.programs_per_sm * sm_count // k_tiles))
+        tiles_each = -(-row_tiles // most)
+        return -(-row_tiles // tiles_each)
 
 
-# The default tile, in three numbers, from `scripts/bench_nvfp4_quant.py --sweep` on H200 (Triton 3.6,
-# 2026-11-22, the multiply-add E2M1 rounding): the default (4x1024 with 4 warps at these M) ranked first of
-# 13 tiles by worst-shape bandwidth (60.0% of a device copy, 70.1% on average over M in {1024, 8192} x
-# N in {7152, 14336}; 8x512/4w: 57.8%, 67.9%), but the same tile timed again in that sweep gave 55.3%:
-# the top three are within noise. A persistent grid that prefetched the next tile's words into registers
-# gained at most 3% and was dropped.
+# The default tiles, from `scripts/bench_nvfp4_quant.py --sweep` on H200 (Triton 3.6, 2026-11-22; % of a
+# device copy's bandwidth at M x N = 1024 x 7152, 1024 x 14336, 8192 x 7152, 8192 x 14336):
+#   WALKING_TILE (2x512, 1 warp, 16 per SM, 3 stages)    56.2%  75.0%  77.1%  83.0%
+#   one 4x1024 tile of 4 warps per program               60.8%  68.9%  74.6%  77.6%
+# Programs that walk the rows win once each gets enough tiles to keep loads ahead of its arithmetic, and
+# lose where it gets a few (1024 x 7152: 4 each). Every other candidate was behind one of these two on
+# every shape; tiles of 8 warps and more lost everywhere. Runs of one tile vary by about 2%.
 DEFAULT_BLOCK_K = 1024
 """Columns per program (at most): 64 blocks, so one warp's row of blocks is 2 KiB of contiguous bf16."""
 DEFAULT_TILE_ELEMENTS = 4096
@@ -434,27 +501,42 @@ DEFAULT_ELEMENTS_PER_THREAD = 32
 """Two scale blocks per thread: num_warps = tile elements / (32 * this), clamped to 1..16."""
 MIN_PROGRAMS_PER_SM = 4
 """Small M: rows per program halve until the grid has this many programs per SM."""
+WALKING_TILE = TileShape(2, 512, 1, programs_per_sm=16, stages=3)
+"""The default where each of its programs gets at least ``MIN_TILES_PER_WALK`` row tiles."""
+MIN_TILES_PER_WALK = 6
+"""Row tiles per program from which walking beats one tile per program: twice the tiles loading ahead."""
 CANDIDATE_TILES = (
-    # (rows, columns, warps) that `bench_nvfp4_quant.py --sweep` ranks and the GPU tests check bit for bit:
-    # 16 to 64 elements (1 to 4 scale blocks) per thread, 8 to 32 KiB of bf16 per program.
+    # (rows, columns, warps[, programs per SM, stages]) that `bench_nvfp4_quant.py --sweep` ranks and the
+    # GPU tests check bit for bit: 32 elements (2 scale blocks) per thread but for two, 4 to 16 KiB of
+    # bf16 per program. Tiles of 8 warps and more lost on every shape of the first sweeps.
     TileShape(8, 512, 4),
     TileShape(8, 512, 8),
-    TileShape(16, 512, 16),
-    TileShape(32, 512, 8),
     TileShape(16, 512, 4),
     TileShape(4, 1024, 4),
     TileShape(8, 1024, 8),
-    TileShape(8, 1024, 16),
-    TileShape(16, 1024, 16),
     TileShape(16, 256, 4),
-    TileShape(32, 256, 8),
-    TileShape(64, 256, 16),
+    # Programs that walk the row tiles (at most programs_per_sm per SM), loading `stages` tiles ahead.
+    TileShape(2, 1024, 2, programs_per_sm=8, stages=3),
+    TileShape(2, 1024, 2, programs_per_sm=12, stages=3),
+    TileShape(4, 512, 2, programs_per_sm=8, stages=3),
+    TileShape(4, 512, 2, programs_per_sm=12, stages=3),
+    TileShape(1, 1024, 1, programs_per_sm=16, stages=3),
+    TileShape(1, 1024, 1, programs_per_sm=24, stages=3),
+    TileShape(2, 512, 1, programs_per_sm=16, stages=3),
+    TileShape(2, 512, 1, programs_per_sm=24, stages=2),
 )
 
 
 def default_tile(rows: int, cols: int, sm_count: int = 132) -> TileShape:
-    """``DEFAULT_BLOCK_K`` columns (fewer for narrow inputs) by up to ``DEFAULT_TILE_ELEMENTS / block_k`` rows,
-    halving the rows until there are ``MIN_PROGRAMS_PER_SM`` programs per SM, so small M still fills the GPU."""
+    """``WALKING_TILE`` where each of its programs gets ``MIN_TILES_PER_WALK`` row tiles or more. Otherwise one
+    tile per program: ``DEFAULT_BLOCK_K`` columns (fewer for narrow inputs) by up to
+    ``DEFAULT_TILE_ELEMENTS / block_k`` rows, halving the rows until there are ``MIN_PROGRAMS_PER_SM``
+    programs per SM, so small M still fills the GPU."""
+    walk = WALKING_TILE
+    if cols >= walk.block_k:
+        row_tiles = triton.cdiv(rows, walk.block_m)
+        if row_tiles >= MIN_TILES_PER_WALK * walk.row_programs(row_tiles, triton.cdiv(cols, walk.block_k), sm_count):
+            return walk
     block_k = min(DEFAULT_BLOCK_K, max(BLOCK_SIZE, triton.next_power_of_2(cols)))
     k_tiles = triton.cdiv(cols, block_k)
     block_m = max(1, DEFAULT_TILE_ELEMENTS // block_k)
@@ -488,10 +570,12 @@ def launch_nvfp4_quant(
         return packed, scales
     # Programs cover every row and column either output has, so they also write all of the zeros.
     cols = scale_cols * BLOCK_SIZE
+    sm_count = 132 if interpreting() else torch.cuda.get_device_properties(x.device).multi_processor_count
     if tile is None:
-        sm_count = 132 if interpreting() else torch.cuda.get_device_properties(x.device).multi_processor_count
         tile = default_tile(scale_rows, cols, sm_count)
-    grid = (triton.cdiv(scale_rows, tile.block_m), triton.cdiv(cols, tile.block_k))
+    k_tiles = triton.cdiv(cols, tile.block_k)
+    row_programs = tile.row_programs(triton.cdiv(scale_rows, tile.block_m), k_tiles, sm_count)
+    grid = (k_tiles, min(row_programs, MAX_GRID_Y), triton.cdiv(row_programs, MAX_GRID_Y))
     _nvfp4_quant_kernel[grid](
         x,
         global_scale,
@@ -509,6 +593,8 @@ def launch_nvfp4_quant(
         INTERPRETED=interpreting(),
         BLOCK_M=tile.block_m,
         BLOCK_K=tile.block_k,
+        WALK=tile.programs_per_sm > 0,
+        STAGES=tile.stages,
         num_warps=tile.num_warps,
         # Bit-identity with the reference: no multiply-add contraction into FMAs.
         enable_fp_fusion=False,

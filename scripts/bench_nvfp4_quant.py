@@ -151,7 +151,7 @@ def measure(m: int, n: int, layout: str, tile: TileShape | None, replays: int) -
 def header(layout: str, tile: TileShape | None) -> str:
     name = torch.cuda.get_device_name(0)
     today = datetime.date.today().isoformat()
-    tile_text = "default tile" if tile is None else f"tile {tile.block_m}x{tile.block_k}, {tile.num_warps} warps"
+    tile_text = "default tile" if tile is None else f"tile {tile}"
     return (f"nvfp4_quant on {name} | torch {torch.__version__} | triton {triton.__version__} | {today} | "
             f"bf16 input, {layout} scales, padded_n = round_up(N, 32), {tile_text}")
 
@@ -219,6 +219,8 @@ SWEEP_N = (7152, 14336)
 def tile_label(tile: TileShape | None, m: int, cols: int) -> str:
     chosen = tile or default_tile(m, cols, torch.cuda.get_device_properties(0).multi_processor_count)
     text = f"{chosen.block_m}x{chosen.block_k}/{chosen.num_warps}w"
+    if chosen.programs_per_sm:
+        text += f" {chosen.programs_per_sm}/SM s{chosen.stages}"
     return f"default ({text})" if tile is None else text
 
 
@@ -274,8 +276,7 @@ def format_sweep(results: list[dict[str, Any]]) -> str:
 def parse_tile(text: str | None) -> TileShape | None:
     if text is None:
         return None
-    block_m, block_k, num_warps = (int(v) for v in text.split(","))
-    return TileShape(block_m, block_k, num_warps)
+    return TileShape(*(int(v) for v in text.split(",")))
 
 
 def main() -> None:
@@ -283,7 +284,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two M, one N, fewer replays (about 20 s)")
     parser.add_argument("--out", default=os.environ.get("OUT") or "./bench_out")
     parser.add_argument("--layout", choices=("swizzled", "linear"), default="swizzled")
-    parser.add_argument("--tile", help="BLOCK_M,BLOCK_K,NUM_WARPS instead of the kernel's default tile")
+    parser.add_argument("--tile", help="BLOCK_M,BLOCK_K,NUM_WARPS[,PROGRAMS_PER_SM,STAGES] instead of the default tile")
     parser.add_argument("--sweep", action="store_true", help="rank CANDIDATE_TILES at M >= 1024 (under a minute)")
     args = parser.parse_args()
     if not torch.cuda.is_available():

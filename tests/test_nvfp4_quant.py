@@ -13,6 +13,7 @@ from fusionpasses.kernels.nvfp4_quant import (
     E2M1_VALUES,
     _pair_byte,
     TileShape,
+    WALKING_TILE,
     default_tile,
     dequantize_nvfp4,
     e2m1_codes,
@@ -81,7 +82,7 @@ def _encode_pairs_kernel(low_ptr, high_ptr, out_ptr, n, INTERPRETED: tl.constexp
     high = tl.load(high_ptr + offsets, mask=in_range, other=0.0)
     # The word the kernel would have loaded: only its sign bits (15 and 31) are read.
     signs = (low.to(tl.int32, bitcast=True) >> 16) & 0x8000 | (high.to(tl.int32, bitcast=True) & -2147483648)
-    byte = _pair_byte(tl.abs(low), tl.abs(high), signs, INTERPRETED)
+    byte = _pair_byte(low, high, signs, INTERPRETED)
     tl.store(out_ptr + offsets, byte.to(tl.uint8), mask=in_range)
 
 
@@ -221,7 +222,8 @@ def test_dequantized_error_is_small_relative_to_the_block_amax():
 
 # (M, N, padded_n, tile, dtype): the seed's shapes, M = 1, odd M, M > 128 not a multiple of 128, N not a
 # multiple of 64, padding by more than one tile, tiles smaller than the output so that programs meet at
-# the edges, and one-row tiles.
+# the edges, and programs that walk several row tiles (132 SMs assumed under the interpreter), with and
+# without loads ahead, some ending on a partial tile or none.
 BF16, FP16 = torch.bfloat16, torch.float16
 KERNEL_CASES = [
     (128, 48, 64, TileShape(128, 64, 4), BF16),
@@ -236,6 +238,9 @@ KERNEL_CASES = [
     (33, 16, 96, TileShape(16, 32, 1), FP16),
     (257, 112, None, TileShape(128, 128, 4), BF16),
     (130, 304, 320, TileShape(64, 256, 4), BF16),
+    (300, 48, 64, TileShape(2, 64, 1, programs_per_sm=1, stages=3), BF16),
+    (260, 96, None, TileShape(4, 32, 1, programs_per_sm=1, stages=1), FP16),
+    (600, 1040, 1056, TileShape(8, 512, 4, programs_per_sm=1, stages=2), BF16),
 ]
 
 
@@ -299,11 +304,15 @@ def test_kernel_rounds_scale_ties_and_subnormal_scales_like_the_reference(global
     assert torch.equal(as_bytes(scales), as_bytes(ref_scales))
 
 
-def test_default_tile_shrinks_rows_per_program_until_the_gpu_is_full():
-    assert default_tile(8192, 7168) == TileShape(4, 1024, 4)  # 8 KiB of bf16 per program
-    assert default_tile(1024, 7168) == TileShape(4, 1024, 4)  # 1792 programs
+def test_default_tile_walks_large_inputs_and_shrinks_rows_per_program_until_the_gpu_is_full():
+    # 4096 row tiles over 147 programs (28 each), 512 over 74 (7 each): walk.
+    assert default_tile(8192, 7168) == WALKING_TILE
+    assert default_tile(1024, 14336) == WALKING_TILE
+    # 512 row tiles over 128 programs would be 4 each: one tile per program instead.
+    assert default_tile(1024, 7168) == TileShape(4, 1024, 4)  # 1792 programs, 8 KiB of bf16 each
     assert default_tile(128, 7168) == TileShape(1, 1024, 1)  # 896 programs; 2 rows would give 448 < 4 * 132
     assert default_tile(16, 7168) == TileShape(1, 1024, 1)
+    assert default_tile(100000, 256) == TileShape(16, 256, 4)  # narrower than a walking tile
     assert default_tile(1, 48) == TileShape(1, 64, 1)
 
 
@@ -383,3 +392,15 @@ def test_fake_impl_shapes_match_the_real_op(layout):
     with FakeTensorMode() as mode:
         fake = quant(mode.from_tensor(x), mode.from_tensor(gs), 96, layout)
     assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in real]
+
+
+def test_row_programs_cap_at_programs_per_sm_and_share_the_tiles_evenly():
+    walking = TileShape(2, 1024, 2, programs_per_sm=8, stages=3)
+    # 8 * 132 // 7 = 150 programs would leave some with 4 of the 512 row tiles and most with 3; 128 take 4 each.
+    assert walking.row_programs(row_tiles=512, k_tiles=7, sm_count=132) == 128
+    assert walking.row_programs(row_tiles=4096, k_tiles=7, sm_count=132) == 147  # 28 each, the last 8
+    assert walking.row_programs(row_tiles=10, k_tiles=7, sm_count=132) == 10
+    assert walking.row_programs(row_tiles=1000, k_tiles=2000, sm_count=132) == 1
+    assert TileShape(4, 1024, 4).row_programs(row_tiles=1000, k_tiles=7, sm_count=132) == 1000
+    with pytest.raises(ValueError, match="stages >= 1"):
+        TileShape(4, 1024, 4, stages=0)

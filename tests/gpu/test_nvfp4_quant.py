@@ -112,12 +112,40 @@ def test_padded_is_the_unpadded_result_plus_zeros(m, n):
     assert torch.count_nonzero(as_bytes(linear)[m:]) == 0
 
 
-@pytest.mark.parametrize("tile", CANDIDATE_TILES, ids=lambda t: f"{t.block_m}x{t.block_k}w{t.num_warps}")
-def test_every_candidate_tile_is_bit_identical(tile):
-    # Any of these may become the default after a sweep; odd M and a partial last K tile meet its edges.
-    x = cuda_input(300, 7152, torch.bfloat16, seed=11)
-    assert_matches_cpu_reference(x, global_scale_of(x), 7168, "swizzled", tile)
-    assert_matches_cpu_reference(x, global_scale_of(x), None, "linear", tile)
+@pytest.fixture(scope="module")
+def tile_test_case():
+    """An input with odd M, a partial last K tile and enough row tiles that walking programs take several
+    each, with its CPU references (computed once: they take seconds at this size)."""
+    x = cuda_input(2001, 7152, torch.bfloat16, seed=11)
+    gs = global_scale_of(x)
+    references = {
+        (7168, "swizzled"): reference_nvfp4_quant(x.cpu(), gs.cpu(), 7168, "swizzled"),
+        (None, "linear"): reference_nvfp4_quant(x.cpu(), gs.cpu(), None, "linear"),
+    }
+    return x, gs, references
+
+
+def tile_id(tile: TileShape) -> str:
+    walk = f"-{tile.programs_per_sm}perSM-s{tile.stages}" if tile.programs_per_sm else ""
+    return f"{tile.block_m}x{tile.block_k}w{tile.num_warps}{walk}"
+
+
+@pytest.mark.parametrize("tile", CANDIDATE_TILES, ids=tile_id)
+def test_every_candidate_tile_is_bit_identical(tile, tile_test_case):
+    # Any of these may become the default after a sweep.
+    x, gs, references = tile_test_case
+    for (padded_n, layout), (ref_packed, ref_scales) in references.items():
+        packed, scales = launch_nvfp4_quant(x, gs, padded_n, layout, tile)
+        mismatched = (packed.cpu() != ref_packed).sum().item()
+        assert mismatched == 0, f"{layout}: {mismatched} of {packed.numel()} packed bytes differ"
+        assert torch.equal(as_bytes(scales).cpu(), as_bytes(ref_scales)), layout
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_more_row_tiles_than_one_grid_axis_holds(layout):
+    # 70000 one-row tiles: the row programs spill from grid axis 1 (65535 at most) into axis 2.
+    x = cuda_input(70000, 32, torch.bfloat16, seed=3)
+    assert_matches_cpu_reference(x, global_scale_of(x), 64, layout, TileShape(1, 32, 1))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
