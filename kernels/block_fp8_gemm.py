@@ -347,6 +347,17 @@ SPLIT_K_MIN_GROUPS = 4
 SPLIT_K_MAX = 8
 
 
+WAVE_EFFICIENCY_MARGIN = 1.05
+"""BLOCK_N drops to 64 when that raises the wave efficiency by more than this factor (2x the tiles
+cost some A re-reads and smaller MMAs). At M = 128, K x N = 7168 x 18432 on H200: 144 tiles of 128 x 128
+fill 55% of two waves on 132 SMs, 288 of 128 x 64 fill 73% of three: 72.9 -> 65.3 us."""
+
+
+def _wave_efficiency(tiles: int, num_sms: int) -> float:
+    """Busy fraction of the SMs over the waves of equal tiles (one tile per SM at a time)."""
+    return tiles / (-(-tiles // num_sms) * num_sms)
+
+
 def _split_k(M: int, N: int, K: int, num_sms: int, block_m: int, block_n: int) -> int:
     """Splits K (powers of two) while fewer than half the SMs would get a tile, none left empty."""
     tiles = -(-M // block_m) * -(-N // block_n)
@@ -364,7 +375,8 @@ def launch_config(M: int, N: int, K: int, num_sms: int, **overrides: int) -> dic
     deterministic, compile-once).
 
     The first rule of ``LAUNCH_RULES`` with ``M <= max_m`` gives the tiles; BLOCK_N then drops to 64
-    when its tiles would leave SMs idle; if even then fewer than half the SMs get a tile, K is split
+    when that keeps the SMs busier over the waves of tiles (``_wave_efficiency``); if even then fewer
+    than half the SMs get a tile, K is split
     and the fp32 partials are summed in a second, small kernel. ``overrides`` replace any key; tile
     overrides apply before split-K is chosen (the sweep uses this), SPLIT_K overrides it.
     """
@@ -372,8 +384,10 @@ def launch_config(M: int, N: int, K: int, num_sms: int, **overrides: int) -> dic
     config = {k: v for k, v in asdict(rule).items() if k != "max_m"}
     tile_overridden = "BLOCK_N" in overrides
     config.update({k: v for k, v in overrides.items() if k != "SPLIT_K"})
-    if not tile_overridden and -(-M // config["BLOCK_M"]) * -(-N // config["BLOCK_N"]) < num_sms:
-        config["BLOCK_N"] = 64
+    if not tile_overridden:
+        tiles = {bn: -(-M // config["BLOCK_M"]) * -(-N // bn) for bn in (config["BLOCK_N"], 64)}
+        if _wave_efficiency(tiles[64], num_sms) > WAVE_EFFICIENCY_MARGIN * _wave_efficiency(tiles[config["BLOCK_N"]], num_sms):
+            config["BLOCK_N"] = 64
     config["SPLIT_K"] = overrides.get("SPLIT_K", _split_k(M, N, K, num_sms, config["BLOCK_M"], config["BLOCK_N"]))
     return config
 

@@ -1,7 +1,7 @@
 """Block-scaled FP8 GEMM benchmark: padding only when M needs it, and throughput against cuBLAS.
 
     python scripts/bench_block_fp8.py [--quick] [--out DIR]
-    python scripts/bench_block_fp8.py --sweep [--quick] [--out DIR]
+    python scripts/bench_block_fp8.py --sweep [--quick] [--m 128,1024] [--out DIR]
 
 Table 1, padding. For each (K, N) and M in M_VALUES (aligned) and M - 1 (unaligned):
     direct      eager ``fusionpasses.block_fp8_mm`` (the fast path; aligned M only)
@@ -158,6 +158,8 @@ SWEEP_CANDIDATES: dict[str, dict[str, int]] = {
     "bm=64": {"BLOCK_M": 64, "num_warps": 4},
     "bn=64": {"BLOCK_N": 64},
     "bn=128": {"BLOCK_N": 128},
+    "bn=32": {"BLOCK_N": 32},
+    "64x64 w4": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4},
     "128x256": dict(WIDE),
     "64x256 w4": {"BLOCK_M": 64, "BLOCK_N": 256, "num_warps": 4, "num_stages": 4},
     "split=1": {"SPLIT_K": 1},
@@ -388,9 +390,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one shape, two M, short timings: a smoke run")
     parser.add_argument("--sweep", action="store_true", help="time every SWEEP_CANDIDATES config instead")
     parser.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="directory for JSON and PNG")
+    parser.add_argument("--m", help="comma-separated M values instead of the grid's (e.g. to sweep small M only)")
     args = parser.parse_args()
     args.shapes = KN_SHAPES[:1] if args.quick else KN_SHAPES
     args.m_values = QUICK_M if args.quick else M_VALUES
+    if args.m:
+        args.m_values = tuple(int(v) for v in args.m.split(","))
     args.rep_ms = 5 if args.quick else 20
 
     torch.manual_seed(0)

@@ -132,6 +132,9 @@ def test_launch_config_fills_the_gpu_before_growing_tiles():
     decode = bf.launch_config(1, 2048, 7168, 132)
     assert (decode["BLOCK_M"], decode["BLOCK_N"], decode["SPLIT_K"]) == (64, 64, 4)  # 32 tiles x 4 splits
     assert bf.launch_config(128, 2048, 7168, 132)["BLOCK_N"] == 64  # 16 tiles of 128x128 would idle 116 SMs
+    # 144 tiles of 128x128 fill 55% of two waves, 288 of 128x64 73% of three; 128 or 256 tiles fill one or two.
+    assert bf.launch_config(128, 18432, 7168, 132)["BLOCK_N"] == 64
+    assert bf.launch_config(1024, 2048, 7168, 132)["BLOCK_N"] == 128
     assert bf.launch_config(1, 7168, 2048, 132)["SPLIT_K"] == 1  # 112 tiles already fill the GPU
     assert bf.launch_config(1, 256, 512, 132)["SPLIT_K"] == 1  # 4 K groups: nothing to split
     large = bf.launch_config(16384, 18432, 7168, 132)
