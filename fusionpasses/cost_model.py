@@ -10,18 +10,22 @@ the pipeline is issued from Python, so small problems are bound by host time:
 
     t_fused = max(t_host, a[kind, side] * t_gemm(M) + b[kind, side], moved_bytes / link_rate + t_gemm(M) / ws)
 
-The constants were fitted by scripts/fit_async_tp_cost_model.py to scripts/bench_async_tp.py on 2x H200
-(torch 2.11, NVLink, multicast off, 2026-11-22; docs/benchmarks.md), each GEMM kind on the pipeline
-schedule it uses (kernels/_symm_mem_pipeline.py): (a, b) is a line through fused time against
-GEMM-alone time over the grid's shapes with GEMMs >= 0.15 ms, with b raised to the 90th percentile of
-the residuals so that mid-size shapes, where chunked cuBLAS kernels vary most, are not overrated;
-t_host is the smallest host time of a fused call (its Python pipeline; the benchmark queues every
-call ahead of the GPU to time the device alone, and times the host on the side). Under CUDA graphs
-the host term does not apply, so the model errs towards keeping small GEMMs unfused.
-``FusionConfig.async_tp_min_speedup`` adds a margin for run-to-run noise. Re-fit on other hardware with the same two scripts.
-At four ranks (4x H200, 8 shapes) the constants fitted on two overrate the fused ops by up to 22%
-(predicted 1.19-1.48x, measured 1.13-1.23x): chunks are smaller and more of them; until a TP4 fit,
-``async_tp_min_speedup=1.25`` keeps TP4 decisions safe on those shapes.
+The constants were fitted by scripts/fit_async_tp_cost_model.py to scripts/bench_async_tp.py runs on
+2x and 4x H200 (torch 2.11, NVLink, multicast off, 2026-11-22; docs/benchmarks.md), one fit per world
+size, each GEMM kind on the pipeline schedule it uses (kernels/_symm_mem_pipeline.py): (a, b) is a
+line through fused time against GEMM-alone time over the grid's shapes with GEMMs >= 0.15 ms, with b
+raised to the 90th percentile of the residuals so that mid-size shapes, where chunked cuBLAS kernels
+vary most, are not overrated; t_host is the smallest host time of a fused call (its Python pipeline;
+the benchmark queues every call ahead of the GPU to time the device alone, and times the host on the
+side). Under CUDA graphs the host term does not apply, so the model errs towards keeping small GEMMs
+unfused. ``FusionConfig.async_tp_min_speedup`` adds a margin for run-to-run noise.
+A group of a world size with no fit of its own takes the fit of the largest size below it. That errs
+towards fusing: the 2-rank fit rated 4-rank fused ops up to 22% too high (and fused one shape that ran
+at 0.97x), which is why TP4 has its own; TP8 has none yet (no 8-GPU machine here), so there raise
+``async_tp_min_speedup``. The unfused side's NCCL rate is not refitted per size, so predicted speedups
+of large shapes still run high at TP4 (1.37x predicted, 1.14x measured, at the worst); the gate's
+decisions on the 4-rank grid lose nothing (every fused shape measured >= 1.0x).
+Re-fit on other hardware with the same two scripts.
 """
 
 from __future__ import annotations
@@ -29,6 +33,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from .config import FusionConfig
+
+
+@dataclass(frozen=True)
+class ChunkingFit:
+    """What chunking and the Python pipeline cost at one world size (fit_async_tp_cost_model.py)."""
+
+    host_us: float
+    """Fastest fused call's host time: its Python pipeline (chunking, buffers, handshakes, one GEMM per chunk)."""
+    chunked: dict[tuple[str, str], tuple[float, float]]
+    """(a, b): fused time = a * unchunked GEMM time + b us when the copies hide, by (kind, "ag" | "rs")."""
 
 
 @dataclass(frozen=True)
@@ -43,12 +57,16 @@ class GpuProfile:
     collective_latency_us: float
     link_gbps: float
     """Peer copy rate over NVLink through SymmetricMemory buffers (GB/s)."""
-    host_us: float
-    """Fastest fused call's host time: its Python pipeline (chunking, buffers, handshakes, one GEMM per chunk)."""
     call_us: dict[str, float]
     """Launch cost of one GEMM call by kind, beyond its arithmetic."""
-    chunked: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
-    """(a, b): fused time = a * unchunked GEMM time + b us when the copies hide, by (kind, "ag" | "rs")."""
+    fits: dict[int, ChunkingFit] = field(default_factory=dict)
+    """By the world size it was measured at."""
+
+    def fit_for(self, world_size: int) -> tuple[int, ChunkingFit]:
+        """The fit of the largest measured world size <= ``world_size`` (the smallest one if none is)."""
+        sizes = sorted(self.fits)
+        size = max((s for s in sizes if s <= world_size), default=sizes[0])
+        return size, self.fits[size]
 
 
 HOPPER = GpuProfile(
@@ -58,12 +76,18 @@ HOPPER = GpuProfile(
     collective_gbps=200.0,
     collective_latency_us=15.0,
     link_gbps=300.0,
-    host_us=210.0,
     call_us={"mm": 8.0, "scaled_mm": 10.0, "bmm_fp8": 12.0},
-    chunked={
-        ("bmm_fp8", "ag"): (1.06, 16.0), ("bmm_fp8", "rs"): (1.04, 53.0),
-        ("scaled_mm", "ag"): (0.99, 51.0), ("scaled_mm", "rs"): (1.06, 66.0),
-        ("mm", "ag"): (0.95, 133.0), ("mm", "rs"): (1.03, 71.0),
+    fits={
+        2: ChunkingFit(host_us=210.0, chunked={
+            ("bmm_fp8", "ag"): (1.06, 16.0), ("bmm_fp8", "rs"): (1.04, 53.0),
+            ("scaled_mm", "ag"): (0.99, 51.0), ("scaled_mm", "rs"): (1.06, 66.0),
+            ("mm", "ag"): (0.95, 133.0), ("mm", "rs"): (1.03, 71.0),
+        }),
+        4: ChunkingFit(host_us=310.0, chunked={
+            ("bmm_fp8", "ag"): (1.03, 56.0), ("bmm_fp8", "rs"): (1.08, 88.0),
+            ("scaled_mm", "ag"): (1.07, 77.0), ("scaled_mm", "rs"): (1.14, 62.0),
+            ("mm", "ag"): (0.96, 107.0), ("mm", "rs"): (1.02, 122.0),
+        }),
     },
 )
 
@@ -114,6 +138,7 @@ def estimate(
     moved = comm_bytes * (world_size - 1) / world_size
     gemm = _gemm_us(profile, kind, m, k, n)
     unfused = gemm + moved / (profile.collective_gbps * 1e3) + profile.collective_latency_us
-    a, b = profile.chunked[(kind, "rs" if reduce else "ag")]
-    fused = max(profile.host_us, a * gemm + b, moved / (profile.link_gbps * 1e3) + gemm / world_size)
+    _, fit = profile.fit_for(world_size)
+    a, b = fit.chunked[(kind, "rs" if reduce else "ag")]
+    fused = max(fit.host_us, a * gemm + b, moved / (profile.link_gbps * 1e3) + gemm / world_size)
     return Estimate(m=m, unfused_us=unfused, fused_us=fused)

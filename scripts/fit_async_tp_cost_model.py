@@ -6,8 +6,9 @@ Per (GEMM kind, side): a least-squares line through fused time against GEMM-alon
 whose GEMM takes >= 0.15 ms, with the intercept raised to the 90th percentile of the residuals, so
 that shapes where chunked cuBLAS kernels vary most are not overrated. The host floor is the smallest
 host time of a fused call (the benchmark times the GPU with every call queued ahead, and the host
-separately). Prints the constants for ``GpuProfile.chunked`` / ``host_us`` and how the refitted model
-would gate every measured shape (``--min-speedup``, as ``FusionConfig.async_tp_min_speedup``).
+separately). Prints the ``ChunkingFit`` for the run's world size (an entry of ``GpuProfile.fits``) and
+how the model with it would gate every measured shape (``--min-speedup``, as
+``FusionConfig.async_tp_min_speedup``).
 Runs on the CPU.
 """
 
@@ -18,7 +19,7 @@ import dataclasses
 import json
 import statistics
 
-from fusionpasses.cost_model import HOPPER, estimate
+from fusionpasses.cost_model import HOPPER, ChunkingFit, estimate
 
 MIN_GEMM_MS = 0.15
 
@@ -38,28 +39,31 @@ def main() -> None:
     parser.add_argument("json", help="bench_async_tp.json")
     parser.add_argument("--min-speedup", type=float, default=1.1)
     args = parser.parse_args()
-    results = json.load(open(args.json))["results"]
+    run = json.load(open(args.json))
+    results, world_size = run["results"], run["meta"]["world_size"]
 
     chunked = {}
     for kind, side in sorted({(r["kind"], r["side"]) for r in results}):
         points = [(r["gemm_ms"] * 1e3, r["ours_ms"] * 1e3) for r in results
                   if (r["kind"], r["side"]) == (kind, side) and r["gemm_ms"] >= MIN_GEMM_MS]
-        chunked[(kind, side)] = tuple(round(v, 2) for v in fit_line(points))
-    host_us = round(min(r["ours_host_ms"] for r in results) * 1e3, -1)
-    profile = dataclasses.replace(HOPPER, chunked=chunked, host_us=host_us)
-    print(f"host_us={host_us}")
-    print("chunked={" + ", ".join(f"{k!r}: ({a}, {b})" for k, (a, b) in chunked.items()) + "}")
+        chunked[(kind, side)] = tuple(round(v) if abs(v) >= 10 else round(v, 2) for v in fit_line(points))
+    fit = ChunkingFit(host_us=round(min(r["ours_host_ms"] for r in results) * 1e3, -1), chunked=chunked)
+    profile = dataclasses.replace(HOPPER, fits={**HOPPER.fits, world_size: fit})
+    print(f"{world_size}: ChunkingFit(host_us={fit.host_us}, chunked={{"
+          + ", ".join(f"{k!r}: ({a}, {b})" for k, (a, b) in chunked.items()) + "})")
 
-    gated = []
+    fused = []
     for r in results:
         elem = 2 if r["kind"] == "mm" else 1
         comm_bytes = r["M"] * r["K"] * elem if r["side"] == "ag" else r["M"] * r["N"] * 2
-        est = estimate(profile, r["kind"], r["M"], r["K"], r["N"], r["world_size"], comm_bytes, reduce=r["side"] == "rs")
+        est = estimate(profile, r["kind"], r["M"], r["K"], r["N"], world_size, comm_bytes, reduce=r["side"] == "rs")
         fuse = est.speedup >= args.min_speedup
-        gated.append(r["speedup"] if fuse else 1.0)
+        if fuse:
+            fused.append(r["speedup"])
         print(f"{r['kind']:>9} {r['side']} {r['M']:>6} {r['K']:>5} {r['N']:>6}  measured {r['speedup']:.2f}x  "
               f"predicted {est.speedup:.2f}x  {'fuse' if fuse else 'keep'}")
-    print(f"gated: min {min(gated):.2f}x, fused {sum(g != 1.0 for g in gated)} of {len(gated)} shapes")
+    slowest = f", the slowest of them measured {min(fused):.2f}x" if fused else ""
+    print(f"gated at {args.min_speedup}x: {len(fused)} of {len(results)} shapes fused{slowest}")
 
 
 if __name__ == "__main__":

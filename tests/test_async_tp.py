@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
 
 from fusionpasses import FusionConfig
+from fusionpasses.cost_model import HOPPER, estimate
 from fusionpasses.passes.async_tp import AsyncTPPass
 from tests.fx_utils import assert_no_raw_symints, nodes_of, op_counts, post_grad_graph
 
@@ -304,6 +307,17 @@ def test_cost_model_declines_small_gemms_and_fuses_large_ones(fake_pg2):
     large = post_grad_graph(lambda x, w: all_gather(x) @ w, x, w)
     p = run_pass(large, cfg)
     assert p.stats.matched_count("all_gather+mm") == 1, p.stats.declined
+
+
+def test_cost_model_fits_each_world_size_it_was_measured_at():
+    # TP2 and TP4 have fits of their own; TP3 takes TP2's, TP8 TP4's (the largest measured size below).
+    assert [HOPPER.fit_for(ws)[0] for ws in (1, 2, 3, 4, 8)] == [2, 2, 2, 4, 4]
+    # bmm_fp8 + reduce_scatter at 2048 x 8192 x 7168 ran at 0.97x on 4x H200: the 2-rank fit rated it
+    # 1.26x, the 4-rank fit 1.02x, below the default margin.
+    only_tp2 = dataclasses.replace(HOPPER, fits={2: HOPPER.fits[2]})
+    args = ("bmm_fp8", 2048, 8192, 7168, 4, 2048 * 7168 * 2)
+    assert estimate(only_tp2, *args, reduce=True).speedup > 1.2
+    assert estimate(HOPPER, *args, reduce=True).speedup < FusionConfig().async_tp_min_speedup
 
 
 def test_cost_model_needs_a_gpu_profile(fake_pg2):

@@ -293,8 +293,10 @@ class AsyncTPPass(FusionPass):
         ]
         worst = min(estimates, key=lambda e: e.speedup)
         if worst.speedup < self.config.async_tp_min_speedup:
+            fit_size, _ = profile.fit_for(world_size)
+            fit = "" if fit_size == world_size else f" with the ws={fit_size} fit"
             return (
-                f"cost model ({profile.name}, ws={world_size}, M from {source}) predicts {worst.speedup:.2f}x at "
+                f"cost model ({profile.name}, ws={world_size}{fit}, M from {source}) predicts {worst.speedup:.2f}x at "
                 f"M={worst.m} (unfused {worst.unfused_us:.0f} us, fused {worst.fused_us:.0f} us) "
                 f"< {self.config.async_tp_min_speedup}x"
             )
