@@ -22,17 +22,15 @@ in the local buffer and crossed two barrier kernels before the first GEMM, 24 us
 ``"two_streams"``: torch's private pipelines (``torch.distributed._symmetric_memory``), which run GEMM
 chunks on two streams at once to fill the GPU's last wave.
 
-Which one wins depends on the GEMM, the side and the size (2x and 4x H200, scripts/bench_async_tp.py,
-docs/benchmarks.md). The all_gather on one stream is ahead for every kind once a rank's chunk fills
-the GPU, FlashInfer's ``bmm_fp8`` included (1.16x vs 1.12x over unfused at 8192^3, 1.17x vs 1.08x at
-16384x8192x8192 on 2 ranks), because its first GEMM starts at once; smaller chunks leave SMs idle one
-at a time, and there two streams win (``TWO_STREAMS_AG_MAX_CHUNK_GFLOP``; most at 4 ranks, whose
-chunks are a quarter of M). On the reduce_scatter side ``torch._scaled_mm`` and bf16 ``mm`` chunks
+Which one wins depends on the GEMM and the side (2x H200, scripts/bench_async_tp.py,
+docs/benchmarks.md). The all_gather on one stream is ahead for every kind, FlashInfer's ``bmm_fp8``
+included (1.16x vs 1.12x over unfused at 8192^3, 1.17x vs 1.08x at 16384x8192x8192), because its
+first GEMM starts at once. On the reduce_scatter side ``torch._scaled_mm`` and bf16 ``mm`` chunks
 already fill the GPU, and two of them side by side can run slower than one after the other (0.63x
 vs 1.11x at 2048x8192x8192 in an earlier run; within a few percent in the latest), while
-``bmm_fp8`` gains 0-5% from two streams. ``SCHEDULE_BY_GEMM`` records these choices and
-:func:`schedule_for` applies them; two streams need a GEMM that is safe on concurrent streams (its
-own workspace per stream, gemm_kinds.safe_on_concurrent_streams).
+``bmm_fp8`` gains 0-5% from two streams. ``SCHEDULE_BY_GEMM`` records these choices; two streams need
+a GEMM that is safe on concurrent streams (its own workspace per stream,
+gemm_kinds.safe_on_concurrent_streams).
 
 ``b`` is a SymmetricMemory barrier across the ranks of the group. The reduce_scatter's barriers that
 wait for peers run on the compute stream right after the GEMM whose output the peers read: a barrier
@@ -57,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -73,12 +70,6 @@ SCHEDULE_BY_GEMM = {
     ("mm", "ag"): "one_compute_stream", ("mm", "rs"): "one_compute_stream",
 }
 """Schedule by (GEMM kind, "ag" | "rs"), from scripts/bench_async_tp.py on 2x H200."""
-TWO_STREAMS_AG_MAX_CHUNK_GFLOP = {2: 20.0, 4: 100.0}
-"""By world size: an all_gather whose GEMM per rank chunk has at most this many GFLOP runs on two
-streams whatever its kind, because one such chunk alone leaves SMs idle. scripts/bench_async_tp.py
-on 4x H200: two streams 1.07-1.64x faster on chunks of 9 to 69 GFLOP (1.17x for bmm_fp8 at
-8192 x 4096 x 4096), within a few percent from 137 GFLOP; on 2x H200 1.05-1.06x at 17 GFLOP, 0.94-1.07x
-from 34. Other world sizes take the largest measured size below (8 ranks: 4's)."""
 _forced_schedule: str | None = None
 _copy_streams: dict[int, torch.cuda.Stream] = {}
 _workspace_bytes: dict[str, int] = {}
@@ -101,15 +92,10 @@ def force_schedule(name: str) -> Iterator[None]:
         _forced_schedule = previous
 
 
-def schedule_for(gemm: str, side: str, world_size: int = 2, chunk_flops: float = math.inf) -> str:
-    """The schedule for a GEMM kind of gemm_kinds.py on one side ("ag" or "rs"), whose GEMM per rank
-    chunk does ``chunk_flops``; two streams only where that GEMM is safe on them."""
+def schedule_for(gemm: str, side: str) -> str:
+    """The schedule for a GEMM kind of gemm_kinds.py on one side ("ag" or "rs"); two streams only
+    where that GEMM is safe on them."""
     name = _forced_schedule or SCHEDULE_BY_GEMM[gemm_kinds.split_kind(gemm)[0], side]
-    if _forced_schedule is None and side == "ag":
-        measured = [size for size in TWO_STREAMS_AG_MAX_CHUNK_GFLOP if size <= world_size]
-        limit = TWO_STREAMS_AG_MAX_CHUNK_GFLOP[max(measured, default=min(TWO_STREAMS_AG_MAX_CHUNK_GFLOP))]
-        if chunk_flops <= limit * 1e9:
-            name = "two_streams"
     if name == "two_streams" and not gemm_kinds.safe_on_concurrent_streams(gemm):
         return "one_compute_stream"
     return name

@@ -76,8 +76,9 @@ def all_gather_gemm(
         scale = gemm_kinds.rows_of_scale(A_scale, rows.start, rows.stop)
         gemm_kinds.compute_into(gemm, chunk, B, scale, B_scale, out[rows], use_fast_accum)
 
-    schedule = schedule_for(gemm, "ag", world_size, chunk_flops=2.0 * m * shard.shape[1] * B.shape[1])
-    pipelined_all_gather(shard, consume, gathered if return_gathered else None, world_size, group_name, schedule)
+    pipelined_all_gather(
+        shard, consume, gathered if return_gathered else None, world_size, group_name, schedule_for(gemm, "ag")
+    )
     return gathered, out
 
 

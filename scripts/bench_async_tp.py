@@ -5,7 +5,7 @@
 
 For every GEMM kind (FlashInfer bmm_fp8, torch._scaled_mm tensor-wise, bf16 mm), (K, N) and global M,
 both sides (all_gather -> GEMM, GEMM -> reduce_scatter) are timed in one run: the GEMM alone, the
-collective alone, unfused, ours (on the pipeline schedule ``schedule_for`` picks for the kind, side and size), ours with
+collective alone, unfused, ours (the pipeline schedule SCHEDULE_BY_GEMM picks for the kind and side), ours with
 the other schedule ("other"), ours with FlashInfer's public API (bmm_fp8), torch's fused op where one
 exists. Reported per shape: ms, speedup vs unfused, overlap efficiency max(gemm, comm) / fused, the
 cost model's decision and the speedup with that gating. Times are GPU time with the calls queued ahead
@@ -30,7 +30,7 @@ import fusionpasses.kernels  # noqa: F401
 from fusionpasses import FusionConfig
 from fusionpasses.cost_model import estimate, profile_for
 from fusionpasses.kernels import bmm_fp8 as bmm_fp8_module
-from fusionpasses.kernels._symm_mem_pipeline import SCHEDULES, force_schedule, schedule_for
+from fusionpasses.kernels._symm_mem_pipeline import SCHEDULE_BY_GEMM, SCHEDULES, force_schedule
 from fusionpasses.symm_mem import setup_symm_mem
 
 FP8 = torch.float8_e4m3fn
@@ -157,7 +157,7 @@ def run_case(kind, side, m, k, n, ws, group, profile):
         comm_bytes = m * n * 2
     fused = timed(ours, iters)
     t_unfused, t_ours = unfused.device_ms, fused.device_ms
-    schedule = schedule_for(kind, side, ws, chunk_flops=2.0 * (m // ws) * k * n)
+    schedule = SCHEDULE_BY_GEMM[kind, side]
     other_schedule = next(s for s in SCHEDULES if s != schedule)
     with force_schedule(other_schedule):
         t_other = timed(ours, iters).device_ms
