@@ -53,8 +53,8 @@ with 2-byte loads instead (correct, slower; ``word_loads_possible``).
 E2M1 rounding is done in software on every GPU, Hopper and Blackwell alike, as float and integer
 multiply-adds in inline PTX (``_PAIR_BYTE_PTX``, which explains why; Triton's CPU interpreter runs the
 same steps in Triton). Blackwell's hardware ``cvt.rn.satfinite.e2m1x2.f32`` is not used: no Blackwell
-machine is available to check that path bit for bit. On H200 the kernel moves 59-82% of a device copy's
-bytes per second at M >= 1024 (docs/benchmarks.md): about 80% from M = 8192, 60% at 1024 x 7168, where
+machine is available to check that path bit for bit. On H200 the kernel moves 60-87% of a device copy's
+bytes per second at M >= 1024 (docs/benchmarks.md): 79-87% at M = 8192, 60% at 1024 x 7168, where
 its loads and stores alone, without the arithmetic, reach 65-71%. The block scales use Triton's
 fp32 -> fp8e4nv cast on GPUs (``cvt.rn.satfinite``, nearest even) but software rounding under Triton's
 CPU interpreter, whose fp8 cast rounds ties and subnormals wrongly; both are checked against the
@@ -241,19 +241,20 @@ def _round_to_e4m3(v):
 # On sm90, integer, logic and min/max instructions issue at half the rate of float multiply-adds and
 # integer multiply-adds, and an E2M1 rounding written with compares and selects made them this kernel's
 # bound (Nsight Compute: SM 78% busy, DRAM 44%, at 8192 x 7168 on H200). This form needs 3 of those per
-# value and 11 instructions per pair in all; the rest are multiply-adds:
+# value and one per pair; the rest are multiply-adds:
 #   magnitude  t = min(|x * factor|, 6)  (the |.| folds into the min as an operand modifier)
 #   binade     e = biased exponent of max(t, 1), so magic = 2^(e - 127) is 1, 2 or 4: the float32 whose ulp
 #              is 2^-23 times E2M1's step at t (0.5 below 2, subnormals included; 1 below 4; 2 up to 6)
-#   rounding   fma(t, 2^-22, magic + 2 ulp): t * 2^-22 is exact, so the single rounding of the sum lands
-#              on E2M1's grid, ties to even (the 2 ulp keep the parity), and its bits exceed magic's by
-#              the number of steps k plus 2
-#   code       k + 2 * (e - 127) = stepped_bits + e * (2 - 2^23) - 256: one integer multiply-add,
-#              leaving out the -256, which no byte can see
-#   byte       low code + 16 * high code + the two sign bits, the sum's low 8 bits (the fields never
+#   rounding   fma(t, 2^-22, magic): t * 2^-22 is exact, so the single rounding of the sum lands on
+#              E2M1's grid, ties to even, and its bits exceed magic's by the number of steps k
+#   code       k + 2 * (e - 127) = stepped_bits + e * (2 - 2^23) - 254: one integer multiply-add,
+#              leaving out the -254
+#   byte       the low 8 bits of low code + 16 * high code + the two sign bits (the fields never
 #              overlap, so adds combine them). The signs come from the input's bits since factor >= 0
-#              (-0 and negatives that round to 0 keep their sign, as in the reference), moved into place
-#              by the high half of one multiply whose add takes the codes.
+#              (-0 and negatives that round to 0 keep their sign, as in the reference): bits 31 and 15
+#              of the word land on 7 and 3 in the high half of its product with 2^20 + 2^8, whose add
+#              takes the codes. Bits 17 and 13, set in the same logic op, add 32 + 2, which is
+#              -17 * 254 modulo 256: the codes' left-out constant.
 # Checked exhaustively against `e2m1_codes` for every float32 up to 24 in magnitude, both signs. min() and
 # max() return their non-NaN operand, so a NaN quantizes like 6 and stays in its own nibble.
 # ptxas keeps the PTX's instruction choice where LLVM would turn the multiply-adds back into shifts and
@@ -272,8 +273,8 @@ mov.b32 e0, m0;
 mov.b32 e1, m1;
 shr.u32 e0, e0, 23;
 shr.u32 e1, e1, 23;
-mad.lo.u32 mb0, e0, 8388608, 2;
-mad.lo.u32 mb1, e1, 8388608, 2;
+mul.lo.u32 mb0, e0, 8388608;
+mul.lo.u32 mb1, e1, 8388608;
 mov.b32 m0, mb0;
 mov.b32 m1, mb1;
 fma.rn.f32 st0, t0, 0f34800000, m0;
@@ -283,7 +284,7 @@ mov.b32 c1, st1;
 mad.lo.s32 c0, e0, -8388606, c0;
 mad.lo.s32 c1, e1, -8388606, c1;
 mad.lo.s32 c0, c1, 16, c0;
-and.b32 s, $3, 0x80008000;
+lop3.b32 s, $3, 0x80008000, 0x22000, 0xEA;
 mad.hi.u32 $0, s, 0x100100, c0;
 }
 """
@@ -304,9 +305,11 @@ def _pair_byte(low_product, high_product, words, INTERPRETED: tl.constexpr):
     if INTERPRETED:
         low_code = _biased_magnitude_code(tl.minimum(tl.abs(low_product), 6.0))
         high_code = _biased_magnitude_code(tl.minimum(tl.abs(high_product), 6.0))
-        # The high 32 bits of (words & 0x80008000) * (2^8 + 2^20) hold bit 31 at 7 (and 19) and bit 15 at 3.
-        signs = tl.umulhi((words & -2147450880).to(tl.uint32, bitcast=True), 0x100100).to(tl.int32, bitcast=True)
-        return low_code + high_code * 16 + signs - 17 * 254
+        # As in the PTX: the high 32 bits of ((words & 0x80008000) | 0x22000) * (2^8 + 2^20) hold bit 31 at
+        # 7 (and 19), bit 15 at 3, and 34, which cancels the codes' 17 * 254 in the low 8 bits.
+        marked = (words & -2147450880) | 0x22000
+        signs = tl.umulhi(marked.to(tl.uint32, bitcast=True), 0x100100).to(tl.int32, bitcast=True)
+        return low_code + high_code * 16 + signs
     else:
         return tl.inline_asm_elementwise(
             _PAIR_BYTE_PTX, "=r,f,f,r", [low_product, high_product, words], dtype=tl.int32, is_pure=True, pack=1
