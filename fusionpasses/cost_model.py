@@ -142,3 +142,12 @@ def estimate(
     a, b = fit.chunked[(kind, "rs" if reduce else "ag")]
     fused = max(fit.host_us, a * gemm + b, moved / (profile.link_gbps * 1e3) + gemm / world_size)
     return Estimate(m=m, unfused_us=unfused, fused_us=fused)
+
+
+def estimate_benchmark_row(profile: GpuProfile, row: dict, world_size: int | None = None) -> Estimate:
+    """:func:`estimate` for one result of scripts/bench_async_tp.py's JSON, whose all_gathers move A
+    (one byte per element for the FP8 kinds, two for bf16 ``mm``) and whose reduce_scatters a bf16 output."""
+    kind, m, k, n = row["kind"], row["M"], row["K"], row["N"]
+    reduce = row["side"] == "rs"
+    comm_bytes = m * n * 2 if reduce else m * k * (2 if kind == "mm" else 1)
+    return estimate(profile, kind, m, k, n, world_size or row["world_size"], comm_bytes, reduce=reduce)

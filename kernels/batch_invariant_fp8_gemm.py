@@ -42,7 +42,6 @@ K and N must be multiples of 16 (the TMA row pitch and ``torch._scaled_mm``'s ow
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -58,6 +57,7 @@ from .library import (
     check_same_device,
     op_name,
     opcheck_samples,
+    sm_count,
 )
 
 OP = "batch_invariant_fp8_gemm"
@@ -420,14 +420,6 @@ def launch_options(cfg: TileConfig) -> dict[str, object]:
 INTERPRETER_PROGRAMS = 3
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    """Programs of a persistent launch: one per SM."""
-    if device.type != "cuda":
-        return INTERPRETER_PROGRAMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _tma_operand(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when TMA can read it (dense, 16-byte aligned base), else a dense copy."""
     if t.is_contiguous() and t.data_ptr() % 16 == 0:
@@ -493,7 +485,7 @@ def batch_invariant_fp8_gemm_triton(
     }
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     if cfg.persistent:
-        num_sms = _num_sms(A.device)
+        num_sms = sm_count(A.device, interpreted=INTERPRETER_PROGRAMS)  # one persistent program per SM
         _persistent_kernel[(min(num_sms, tiles * b),)](*args, b, NUM_SMS=num_sms, **meta)
     else:
         _kernel[(tiles, b)](*args, **meta)

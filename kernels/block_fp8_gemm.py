@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAS_TRITON, interpreting, jit, require_triton, tl, triton
+from ._triton import HAS_TRITON, jit, require_triton, tl, triton
 from .library import (
     HALF_DTYPES,
     OpSample,
@@ -57,6 +57,7 @@ from .library import (
     check_same_device,
     op_name,
     opcheck_samples,
+    sm_count,
 )
 
 QUANT_BLOCK = 128
@@ -300,11 +301,6 @@ _block_fp8_mm_kernel = (
 _sum_splits_kernel = triton.jit(do_not_specialize=["numel"])(_sum_splits_kernel_body) if HAS_TRITON else _sum_splits_kernel_body
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 # What the interpreter pretends to run on (H100 SXM), so CPU tests exercise the GPU's tile choices.
 _INTERPRETER_SMS = 132
 
@@ -420,7 +416,7 @@ def launch_block_fp8_mm(
     if M == 0:
         return out
     if config is None:
-        sms = _INTERPRETER_SMS if interpreting() and A.device.type == "cpu" else _num_sms(A.device.index or 0)
+        sms = sm_count(A.device, interpreted=_INTERPRETER_SMS)
         config = launch_config(M, N, K, sms)
     _check_config(config, K)
     block_m, block_n, split_k = config["BLOCK_M"], config["BLOCK_N"], config["SPLIT_K"]

@@ -20,6 +20,7 @@ Conventions for a kernel file ``kernels/<op>.py``:
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,19 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 def op_name(name: str) -> str:
     """Qualified name for ``torch.library.custom_op``: ``fusionpasses::<name>``."""
     return f"{NAMESPACE}::{name}"
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device, interpreted: int) -> int:
+    """SMs of the CUDA device that launch grids are sized for (cached: launchers ask on every call);
+    ``interpreted`` for tensors on the CPU, under Triton's interpreter."""
+    if device.type != "cuda":
+        return interpreted
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 class KernelInputError(ValueError):

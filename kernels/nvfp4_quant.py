@@ -82,6 +82,7 @@ from .library import (
     check_tensorwise_scale,
     op_name,
     opcheck_samples,
+    sm_count,
 )
 
 OP = "nvfp4_quant"
@@ -574,11 +575,11 @@ def launch_nvfp4_quant(
         return packed, scales
     # Programs cover every row and column either output has, so they also write all of the zeros.
     cols = scale_cols * BLOCK_SIZE
-    sm_count = 132 if interpreting() else torch.cuda.get_device_properties(x.device).multi_processor_count
+    sms = sm_count(x.device, interpreted=132)
     if tile is None:
-        tile = default_tile(scale_rows, cols, sm_count)
+        tile = default_tile(scale_rows, cols, sms)
     k_tiles = triton.cdiv(cols, tile.block_k)
-    row_programs = tile.row_programs(triton.cdiv(scale_rows, tile.block_m), k_tiles, sm_count)
+    row_programs = tile.row_programs(triton.cdiv(scale_rows, tile.block_m), k_tiles, sms)
     grid = (k_tiles, min(row_programs, MAX_GRID_Y), triton.cdiv(row_programs, MAX_GRID_Y))
     _nvfp4_quant_kernel[grid](
         x,

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import statistics
 
-from fusionpasses.cost_model import HOPPER, ChunkingFit, estimate
+from fusionpasses.cost_model import HOPPER, ChunkingFit, estimate_benchmark_row
 
 MIN_GEMM_MS = 0.15
 
@@ -54,9 +54,7 @@ def main() -> None:
 
     fused = []
     for r in results:
-        elem = 2 if r["kind"] == "mm" else 1
-        comm_bytes = r["M"] * r["K"] * elem if r["side"] == "ag" else r["M"] * r["N"] * 2
-        est = estimate(profile, r["kind"], r["M"], r["K"], r["N"], world_size, comm_bytes, reduce=r["side"] == "rs")
+        est = estimate_benchmark_row(profile, r, world_size)
         fuse = est.speedup >= args.min_speedup
         if fuse:
             fused.append(r["speedup"])

@@ -8,7 +8,7 @@ import pathlib
 import pytest
 
 from fusionpasses import FusionConfig
-from fusionpasses.cost_model import HOPPER, estimate
+from fusionpasses.cost_model import HOPPER, estimate_benchmark_row
 
 GRIDS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "bench"
 
@@ -19,10 +19,7 @@ def test_the_gate_fuses_no_measured_slowdown(grid):
     margin = FusionConfig().async_tp_min_speedup
     fused = []
     for r in results:
-        elem = 2 if r["kind"] == "mm" else 1
-        comm_bytes = r["M"] * r["K"] * elem if r["side"] == "ag" else r["M"] * r["N"] * 2
-        predicted = estimate(HOPPER, r["kind"], r["M"], r["K"], r["N"], r["world_size"], comm_bytes, reduce=r["side"] == "rs")
-        if predicted.speedup >= margin:
+        if estimate_benchmark_row(HOPPER, r).speedup >= margin:
             fused.append((r["speedup"], r["kind"], r["side"], r["M"], r["K"], r["N"]))
     assert len(fused) >= len(results) // 3, "the gate should still fuse the large shapes"
     assert min(fused)[0] >= 1.0, f"fused a shape that ran slower than unfused: {min(fused)}"

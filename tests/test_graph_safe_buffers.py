@@ -160,3 +160,19 @@ def test_all_gather_slots_stay_put_whatever_the_shard_size(world_size):
             numel = shard_bytes // element_size
             assert stride >= numel and (world_size - 1) * stride + numel <= buffer_bytes // element_size
             assert stride * element_size % 16 == 0  # every slot starts 16-byte aligned
+
+
+def test_sm_count_is_asked_once_per_cuda_device_and_stands_in_under_the_interpreter(monkeypatch):
+    # Launchers size their grids by it on every call; the CUDA query runs once per device.
+    from fusionpasses.kernels import library
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: asked.append(index) or SimpleNamespace(multi_processor_count=132))
+    library._cuda_sm_count.cache_clear()
+    try:
+        assert library.sm_count(torch.device("cpu"), interpreted=3) == 3
+        assert [library.sm_count(torch.device("cuda", 1), interpreted=3) for _ in range(3)] == [132] * 3
+        assert asked == [1]
+    finally:
+        library._cuda_sm_count.cache_clear()
