@@ -19,6 +19,7 @@ import dataclasses
 import json
 import statistics
 
+from fusionpasses import FusionConfig
 from fusionpasses.cost_model import HOPPER, ChunkingFit, estimate_benchmark_row
 
 MIN_GEMM_MS = 0.15
@@ -37,7 +38,8 @@ def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("json", help="bench_async_tp.json")
-    parser.add_argument("--min-speedup", type=float, default=1.1)
+    parser.add_argument("--min-speedup", type=float, default=FusionConfig().async_tp_min_speedup,
+                        help="the gate's margin to report decisions at (default: FusionConfig's)")
     args = parser.parse_args()
     run = json.load(open(args.json))
     results, world_size = run["results"], run["meta"]["world_size"]
