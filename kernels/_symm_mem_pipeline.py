@@ -19,6 +19,12 @@ an SM, so they proceed while the GEMM fills the GPU. Each flag goes back to 0 wi
 so a CUDA graph that replays the same writes stays in step. The previous schedule staged the shard
 in the local buffer and crossed two barrier kernels before the first GEMM, 24 us at 8192^3.
 
+``"sum_in_gemm"`` (reduce_scatter, two ranks; :func:`two_rank_reduce_scatter_onto`): one compute
+stream, and this rank's GEMM adds the peer's partial in its epilogue, so no sum runs after the last
+GEMM. Where the GEMM cannot (FlashInfer's ``bmm_fp8``, row-wise ``_scaled_mm``; ``gemm_kinds.
+adds_onto_output``), with more ranks, below ``MIN_ROWS_ADDED_IN_THE_GEMM`` rows per piece, or for
+"avg", the op runs ``"one_compute_stream"``.
+
 ``"two_streams"``: torch's private pipelines (``torch.distributed._symmetric_memory``), which run GEMM
 chunks on two streams at once to fill the GPU's last wave.
 
@@ -63,11 +69,11 @@ from torch.distributed import _symmetric_memory as _sm
 from . import gemm_kinds
 from .library import FP8_DTYPES, outside_graph_pools
 
-SCHEDULES = ("one_compute_stream", "two_streams")
+SCHEDULES = ("one_compute_stream", "two_streams", "sum_in_gemm")
 SCHEDULE_BY_GEMM = {
     ("bmm_fp8", "ag"): "one_compute_stream", ("bmm_fp8", "rs"): "two_streams",
-    ("scaled_mm", "ag"): "one_compute_stream", ("scaled_mm", "rs"): "one_compute_stream",
-    ("mm", "ag"): "one_compute_stream", ("mm", "rs"): "one_compute_stream",
+    ("scaled_mm", "ag"): "one_compute_stream", ("scaled_mm", "rs"): "sum_in_gemm",
+    ("mm", "ag"): "one_compute_stream", ("mm", "rs"): "sum_in_gemm",
 }
 """Schedule by (GEMM kind, "ag" | "rs"), from scripts/bench_async_tp.py on 2x H200."""
 _forced_schedule: str | None = None
@@ -97,6 +103,8 @@ def schedule_for(gemm: str, side: str) -> str:
     where that GEMM is safe on them."""
     name = _forced_schedule or SCHEDULE_BY_GEMM[gemm_kinds.split_kind(gemm)[0], side]
     if name == "two_streams" and not gemm_kinds.safe_on_concurrent_streams(gemm):
+        return "one_compute_stream"
+    if name == "sum_in_gemm" and side != "rs":
         return "one_compute_stream"
     return name
 
@@ -311,3 +319,67 @@ def pipelined_reduce_scatter_rows(
             released[index].record(copies)
     produce(rank, out_chunks[rank])
     compute.wait_stream(copies)
+
+
+PIECES_ADDED_IN_THE_GEMM = 2
+"""Row pieces of the two-rank reduce_scatter below: a piece's transfer hides under the next piece's GEMM."""
+MIN_ROWS_ADDED_IN_THE_GEMM = 2048
+"""Fewest rows per piece for "sum_in_gemm": below (M < 8192 at ws 2) the four shorter GEMMs and the second
+barrier cost more than the sum they save (2x H200: 0.94x vs 1.20x over unfused at 1024 x 4096 x 4096,
+tied at M = 4096, ahead on every shape from M = 8192: 1.28x vs 1.19x at 16384 x 8192 x 8192)."""
+
+
+def sums_in_gemm(world_size: int, rows: int) -> bool:
+    """Whether a reduce_scatter of ``rows`` rows per rank runs "sum_in_gemm" (given a GEMM that can)."""
+    return (
+        world_size == 2
+        and rows % PIECES_ADDED_IN_THE_GEMM == 0
+        and rows // PIECES_ADDED_IN_THE_GEMM >= MIN_ROWS_ADDED_IN_THE_GEMM
+    )
+
+
+def two_rank_reduce_scatter_onto(
+    produce: Callable[[int, slice, torch.Tensor], None],
+    produce_onto: Callable[[int, slice, torch.Tensor], None],
+    out: torch.Tensor,
+    group_name: str,
+) -> None:
+    """World size 2, one compute stream: ``out`` (this rank's rows) = the peer's partial + this rank's,
+    with the addition done by this rank's GEMM (``produce_onto(rank, rows, out_rows)``: out_rows += its product)
+    instead of a pass over both partials after the last GEMM::
+
+        compute  [ gemm(peer piece 0) ][b][ gemm(peer piece 1) ][b][ gemm(own 0) += ][ gemm(own 1) += ]
+        copies                             [ pull peer's piece 0 ]  [ pull piece 1 ][b']
+
+    ``produce(rank, rows, dst)`` writes rows ``rows`` (of this rank's share of the peer's output, in
+    pieces) of the partial destined for ``rank``. The peer's partial of this rank's piece p is pulled
+    straight into ``out``'s piece p, which this rank's GEMM of piece p then adds onto: its pull runs
+    under the GEMM of the next piece, so only the last piece's pull, under the first own GEMM, must
+    keep up. One rounding per element (fp32 product + the peer's bf16 partial), where summing two
+    rounded partials rounds twice.
+    """
+    symm = workspace(group_name, out.numel() * out.element_size())
+    rank = symm.rank
+    peer = 1 - rank
+    compute, copies = torch.cuda.current_stream(), _copy_stream()
+    rows = out.shape[0] // PIECES_ADDED_IN_THE_GEMM
+    pieces = [slice(p * rows, (p + 1) * rows) for p in range(PIECES_ADDED_IN_THE_GEMM)]
+    pulled = []
+    for index, piece in enumerate(pieces):
+        slot = symm.get_buffer(rank, (rows, out.shape[1]), out.dtype, index * rows * out.shape[1])
+        produce(peer, piece, slot)
+        # Both ranks have written their piece `index` for each other.
+        symm.barrier(channel=0)
+        copies.wait_stream(compute)
+        with torch.cuda.stream(copies):
+            out[piece].copy_(symm.get_buffer(peer, (rows, out.shape[1]), out.dtype, index * rows * out.shape[1]))
+            pulled.append(torch.cuda.Event())
+            pulled[-1].record(copies)
+    with torch.cuda.stream(copies):
+        # Both ranks have pulled every piece: the slots may be refilled by the next call.
+        symm.barrier(channel=1)
+    for piece, event in zip(pieces, pulled, strict=True):
+        compute.wait_event(event)
+        produce_onto(rank, piece, out[piece])
+    compute.wait_stream(copies)
+

@@ -132,6 +132,40 @@ def compute_into(
         bmm_fp8_into(A.unsqueeze(0), B.unsqueeze(0), A_scale, B_scale, out.unsqueeze(0), backend)
 
 
+def adds_onto_output(kind: str, A: torch.Tensor, B: torch.Tensor, A_scale, B_scale, out_dtype: torch.dtype) -> bool:
+    """Whether :func:`compute_onto` can add this GEMM's product onto an output in the GEMM itself: ``mm``
+    (cuBLAS with beta = 1) and tensor-wise e4m3 ``scaled_mm`` (cuBLASLt with beta = 1, the
+    library torch._scaled_mm runs on). ``bmm_fp8`` stays on FlashInfer's own call, row-wise scaling on
+    torch._scaled_mm: neither takes a C operand."""
+    kind = split_kind(kind)[0]
+    if kind == "mm":
+        return A.dtype in (*HALF_DTYPES, torch.float32)
+    if kind == "scaled_mm":
+        from .scaled_mm_accumulate import can_accumulate
+
+        return can_accumulate(A, B, A_scale, B_scale, out_dtype)
+    return False
+
+
+def compute_onto(
+    kind: str,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    A_scale: torch.Tensor | None,
+    B_scale: torch.Tensor | None,
+    out: torch.Tensor,
+    use_fast_accum: bool,
+) -> None:
+    """``out += gemm(A, B)`` with one rounding, in the GEMM's epilogue (where :func:`adds_onto_output`)."""
+    kind = split_kind(kind)[0]
+    if kind == "mm":
+        out.addmm_(A, B)
+    else:
+        from .scaled_mm_accumulate import scaled_mm_accumulate_
+
+        scaled_mm_accumulate_(A, B, A_scale, B_scale, out, use_fast_accum)
+
+
 def safe_on_concurrent_streams(kind: str) -> bool:
     """Whether two GEMMs of this kind may run at once on two streams of one device (torch gives each
     stream its own cuBLAS workspace; FlashInfer's bmm_fp8 does only on our fast path)."""

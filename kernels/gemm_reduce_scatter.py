@@ -5,7 +5,9 @@
 
 On CUDA each rank computes the partial product destined for one peer at a time into a SymmetricMemory
 buffer that the peer pulls while the next chunk is computed; the ws partials of this rank's rows are
-then reduced locally. ``reduce_op`` is kept from the matched reduce_scatter ("sum" stays a sum).
+then reduced locally. With two ranks, a sum, and a GEMM that takes a C operand (bf16 ``mm``,
+tensor-wise ``_scaled_mm``), this rank's own GEMM adds the pulled partial in its epilogue instead
+(``_symm_mem_pipeline.two_rank_reduce_scatter_onto``). ``reduce_op`` is kept from the matched reduce_scatter ("sum" stays a sum).
 On CPU it is the reference: the same GEMM as the unfused graph, then a functional reduce_scatter.
 """
 
@@ -53,20 +55,39 @@ def gemm_reduce_scatter(
     use_fast_accum: bool = False,
 ) -> torch.Tensor:
     _validate(A, B, A_scale, B_scale, gemm, out_dtype, reduce_op, world_size, group_name)
-    from ._symm_mem_pipeline import pipelined_reduce_scatter_rows, schedule_for
+    from ._symm_mem_pipeline import pipelined_reduce_scatter_rows, schedule_for, sums_in_gemm, two_rank_reduce_scatter_onto
 
     m = A.shape[0] // world_size
     A = A.contiguous()
-    stacked = torch.empty(
-        (world_size * m, B.shape[1]), dtype=gemm_kinds.result_dtype(gemm, A, out_dtype), device=A.device
-    )
+    dtype = gemm_kinds.result_dtype(gemm, A, out_dtype)
+    schedule = schedule_for(gemm, "rs")
+    if schedule == "sum_in_gemm":
+        if (
+            reduce_op == "sum"
+            and sums_in_gemm(world_size, m)
+            and gemm_kinds.adds_onto_output(gemm, A, B, A_scale, B_scale, dtype)
+        ):
+            out = torch.empty((m, B.shape[1]), dtype=dtype, device=A.device)
+
+            def produce_piece(rank: int, rows: slice, dst: torch.Tensor) -> None:
+                gemm_kinds.compute_into(gemm, A[rank * m + rows.start : rank * m + rows.stop], B, A_scale, B_scale,
+                                        dst, use_fast_accum)
+
+            def produce_onto(rank: int, rows: slice, dst: torch.Tensor) -> None:
+                gemm_kinds.compute_onto(gemm, A[rank * m + rows.start : rank * m + rows.stop], B, A_scale, B_scale,
+                                        dst, use_fast_accum)
+
+            two_rank_reduce_scatter_onto(produce_piece, produce_onto, out, group_name)
+            return out
+        schedule = "one_compute_stream"
+    stacked = torch.empty((world_size * m, B.shape[1]), dtype=dtype, device=A.device)
 
     def produce(rank: int, out: torch.Tensor) -> None:
         rows = slice(rank * m, (rank + 1) * m)
         scale = gemm_kinds.rows_of_scale(A_scale, rows.start, rows.stop)
         gemm_kinds.compute_into(gemm, A[rows], B, scale, B_scale, out, use_fast_accum)
 
-    pipelined_reduce_scatter_rows(produce, stacked, world_size, group_name, schedule_for(gemm, "rs"))
+    pipelined_reduce_scatter_rows(produce, stacked, world_size, group_name, schedule)
     partials = stacked.view(world_size, m, B.shape[1])
     if reduce_op == "sum" and world_size == 2:
         # Same bits as sum(dim=0) (one fp32 add, one rounding) from an elementwise kernel: at 8192^3 on

@@ -227,17 +227,22 @@ def test_sequence_dim_gather_and_scatter_match_eager(nccl_group):
     assert pm.pass_by_name("async_tp").stats.matched == 2
 
 
-@pytest.mark.parametrize("schedule", ["one_compute_stream", "two_streams"])
+@pytest.mark.parametrize("schedule", ["one_compute_stream", "two_streams", "sum_in_gemm"])
 @pytest.mark.parametrize("case,gemm", GEMMS)
-def test_pipeline_schedules_back_to_back(nccl_group, schedule, case, gemm):
-    """Both schedules, several fused calls queued without a host sync: each call refills the
+def test_pipeline_schedules_back_to_back(nccl_group, schedule, case, gemm, monkeypatch):
+    """Every schedule, several fused calls queued without a host sync: each call refills the
     SymmetricMemory workspace that peers of the previous call may still be reading. The large shape
-    makes cuBLASLt use its workspace, which GEMMs on two streams must not share."""
+    makes cuBLASLt use its workspace, which GEMMs on two streams must not share. "sum_in_gemm" adds
+    the peer's partial in this rank's GEMM at two ranks (bf16 mm, tensor-wise _scaled_mm) and falls
+    back to one stream elsewhere (test_fused_ops_match_unfused's single row per rank falls back too).
+    Its row minimum is lifted here so that every shape takes it."""
+    from fusionpasses.kernels import _symm_mem_pipeline
     from fusionpasses.kernels._symm_mem_pipeline import force_schedule
     from fusionpasses.kernels.all_gather_gemm import reference_all_gather_gemm
     from fusionpasses.kernels.gemm_reduce_scatter import reference_gemm_reduce_scatter
 
     ws, group = dist.get_world_size(), nccl_group.group_name
+    monkeypatch.setattr(_symm_mem_pipeline, "MIN_ROWS_ADDED_IN_THE_GEMM", 1)
     calls = []
     with force_schedule(schedule):
         for m_local, k, n in ((256, 512, 384), (96, 256, 640), (2048, 8192, 7168), (512, 512, 128)):
