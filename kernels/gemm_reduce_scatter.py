@@ -7,7 +7,8 @@ On CUDA each rank computes the partial product destined for one peer at a time i
 buffer that the peer pulls while the next chunk is computed; the ws partials of this rank's rows are
 then reduced locally. With two ranks, a sum, and a GEMM that takes a C operand (bf16 ``mm``,
 tensor-wise ``_scaled_mm``), this rank's own GEMM adds the pulled partial in its epilogue instead
-(``_symm_mem_pipeline.two_rank_reduce_scatter_onto``). ``reduce_op`` is kept from the matched reduce_scatter ("sum" stays a sum).
+(``_symm_mem_pipeline.two_rank_reduce_scatter_onto``). ``reduce_op`` is kept from the matched
+reduce_scatter ("sum" stays a sum).
 On CPU it is the reference: the same GEMM as the unfused graph, then a functional reduce_scatter.
 """
 
@@ -55,7 +56,12 @@ def gemm_reduce_scatter(
     use_fast_accum: bool = False,
 ) -> torch.Tensor:
     _validate(A, B, A_scale, B_scale, gemm, out_dtype, reduce_op, world_size, group_name)
-    from ._symm_mem_pipeline import pipelined_reduce_scatter_rows, schedule_for, sums_in_gemm, two_rank_reduce_scatter_onto
+    from ._symm_mem_pipeline import (
+        pipelined_reduce_scatter_rows,
+        schedule_for,
+        sums_in_gemm,
+        two_rank_reduce_scatter_onto,
+    )
 
     m = A.shape[0] // world_size
     A = A.contiguous()

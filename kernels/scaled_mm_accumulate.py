@@ -179,7 +179,8 @@ def scaled_mm_accumulate_(
     check(K % 16 == 0 and N % 16 == 0, OP, f"K and N must be multiples of 16 for cuBLASLt FP8, got K={K}, N={N}")
     check(A_scale.numel() == 1 and B_scale.numel() == 1 and A_scale.dtype == B_scale.dtype == torch.float32, OP,
           "scales must be one-element float32 tensors (tensor-wise)")
-    check(A.is_cuda and all(t.device == A.device for t in (B, C, A_scale, B_scale)), OP, "operands must share a CUDA device")
+    check(A.is_cuda and all(t.device == A.device for t in (B, C, A_scale, B_scale)), OP,
+          "operands must share a CUDA device")
     if M == 0:
         return C
     device = A.device.index if A.device.index is not None else torch.cuda.current_device()
