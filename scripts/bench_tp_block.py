@@ -1,7 +1,7 @@
 """Llama-style tensor-parallel layers with FP8 GEMMs: baseline vs sequence parallelism vs SP + AsyncTP.
 
     source scripts/gpu_setup.sh
-    torchrun --nproc-per-node 2 scripts/bench_tp_block.py [--gemm bmm_fp8] [--cudagraphs] [--quick] [--out DIR]
+    torchrun --nproc-per-node 2 scripts/bench_tp_block.py [--gemm bmm_fp8] [--cudagraphs] [--layers L [--deeper L2]] [--quick] [--out DIR]
 
 The model: ``--layers`` decoder layers at Llama-3-70B sizes (hidden 8192, 64 query / 8 KV heads of 128,
 intermediate 28672), split over the ranks like Megatron/vLLM TP:
@@ -27,6 +27,9 @@ inputs rotated through copies larger than L2. Without CUDA graphs a forward of a
 is bound by host time (Python launches of every kernel and collective), which SP's extra ops lengthen;
 ``--cudagraphs`` replays each compiled forward as a CUDA graph, as serving engines do. The table shows ms, the speedup over the baseline,
 whether SP applied (it must stay off below the threshold) and how many collectives AsyncTP fused.
+``--deeper L2`` runs L2 layers as well and prints what one more layer costs in a deep model (the
+difference of the two runs per layer added, ``per_layer``): a short block pays SP's boundary costs
+(the last all_gather has no GEMM after it) once for few layers.
 """
 
 from __future__ import annotations
@@ -221,6 +224,37 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def per_layer(short: dict, long: dict) -> dict:
+    """What one more layer costs in a deep model: the difference of two runs over the same token counts
+    with ``short["layers"]`` and ``long["layers"]`` layers, per layer added. The costs a block pays once
+    cancel: its last all_gather, which has no GEMM after it (in a model the next layer's QKV
+    projection takes it, fused), and its first layer's replicated input."""
+    added = long["layers"] - short["layers"]
+    rows = []
+    for s_row, l_row in zip(short["rows"], long["rows"], strict=True):
+        row = {"tokens": s_row["tokens"]}
+        for name in VARIANTS:
+            row[f"{name}_ms"] = (l_row[f"{name}_ms"] - s_row[f"{name}_ms"]) / added
+        for name in VARIANTS:
+            row[f"{name}_speedup"] = row["baseline_ms"] / row[f"{name}_ms"]
+        rows.append(row)
+    return {"layers": [short["layers"], long["layers"]], "rows": rows}
+
+
+def per_layer_table(result: dict) -> str:
+    short, long = result["layers"]
+    lines = [
+        f"# one more layer (the {long}-layer run minus the {short}-layer run, per layer added)",
+        f"{'tokens':>7} {'baseline ms':>12} {'sp ms':>9} {'sp+async ms':>12} {'sp x':>6} {'sp+async x':>11}",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['tokens']:>7} {r['baseline_ms']:>12.3f} {r['sp_ms']:>9.3f} {r['sp+async_tp_ms']:>12.3f}"
+            f" {r['sp_speedup']:>6.2f} {r['sp+async_tp_speedup']:>11.2f}"
+        )
+    return "\n".join(lines)
+
+
 def plot(result: dict, path: str) -> bool:
     try:
         import matplotlib
@@ -252,6 +286,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", default="512,1024,4096,8192,16384", help="global token counts, comma-separated")
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--deeper", type=int, default=None,
+                        help="also run this many layers and print what one more layer costs (steady state)")
     parser.add_argument("--gemm", choices=("scaled_mm", "bmm_fp8"), default="scaled_mm")
     parser.add_argument("--cudagraphs", action="store_true",
                         help="replay each compiled forward as a CUDA graph (Inductor's CUDA graph trees)")
@@ -271,18 +307,29 @@ def main() -> None:
         bad = [t for t in args.tokens if t % ws]
         if bad:
             raise SystemExit(f"token counts must be multiples of the world size {ws}: {bad}")
-        with torch.no_grad():
-            result = run(args)
+        if args.deeper is not None and args.deeper <= args.layers:
+            raise SystemExit(f"--deeper must exceed --layers ({args.layers}), got {args.deeper}")
+        results = []
+        for layers in [args.layers] + ([args.deeper] if args.deeper else []):
+            with torch.no_grad():
+                results.append(run(argparse.Namespace(**{**vars(args), "layers": layers})))
         if dist.get_rank() == 0:
-            print(table(result))
             os.makedirs(args.out, exist_ok=True)
             stem = f"bench_tp_block_{args.gemm}" + ("_cudagraphs" if args.cudagraphs else "")
-            json_path = os.path.join(args.out, f"{stem}.json")
-            with open(json_path, "w") as f:
-                json.dump(result, f, indent=2)
-            png_path = os.path.join(args.out, f"{stem}.png")
-            plotted = plot(result, png_path)
-            print(f"wrote {json_path}" + (f" and {png_path}" if plotted else " (no matplotlib: no plot)"))
+            for result in results:
+                print(table(result))
+                name = stem if len(results) == 1 else f"{stem}_layers{result['layers']}"
+                json_path = os.path.join(args.out, f"{name}.json")
+                with open(json_path, "w") as f:
+                    json.dump(result, f, indent=2)
+                png_path = os.path.join(args.out, f"{name}.png")
+                plotted = plot(result, png_path)
+                print(f"wrote {json_path}" + (f" and {png_path}" if plotted else " (no matplotlib: no plot)"))
+            if len(results) == 2:
+                steady = per_layer(*results)
+                print(per_layer_table(steady))
+                with open(os.path.join(args.out, f"{stem}_per_layer.json"), "w") as f:
+                    json.dump(steady, f, indent=2)
     finally:
         # Graphs that captured NCCL kernels made destroy_process_group hang at exit: free them first.
         torch._dynamo.reset()
