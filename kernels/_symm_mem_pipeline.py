@@ -355,8 +355,8 @@ def two_rank_reduce_scatter_onto(
     pieces) of the partial destined for ``rank``. The peer's partial of this rank's piece p is pulled
     straight into ``out``'s piece p, which this rank's GEMM of piece p then adds onto: its pull runs
     under the GEMM of the next piece, so only the last piece's pull, under the first own GEMM, must
-    keep up. One rounding per element (fp32 product + the peer's bf16 partial), where summing two
-    rounded partials rounds twice.
+    keep up. How the addition rounds is the GEMM library's epilogue's (fp32 compute type); results
+    agree with the sum of two rounded partials within the tolerance the GPU tests allow.
     """
     symm = workspace(group_name, out.numel() * out.element_size())
     rank = symm.rank

@@ -156,7 +156,7 @@ def compute_onto(
     out: torch.Tensor,
     use_fast_accum: bool,
 ) -> None:
-    """``out += gemm(A, B)`` with one rounding, in the GEMM's epilogue (where :func:`adds_onto_output`)."""
+    """``out += gemm(A, B)`` in the GEMM's epilogue (where :func:`adds_onto_output`)."""
     kind = split_kind(kind)[0]
     if kind == "mm":
         out.addmm_(A, B)

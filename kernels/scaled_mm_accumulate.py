@@ -10,8 +10,8 @@ of summing the two afterwards (a pass over three matrices after the last GEMM; _
     B        (K, N) float8_e4m3fn, column-major (``W.t()`` of a contiguous (N, K) weight)
     A_scale  float32, one element;  B_scale float32, one element (tensor-wise: cuBLASLt's scale
              pointers are per tensor on Hopper, so row-wise scaling stays on torch._scaled_mm)
-    C        (M, N) bfloat16 or float16, rows dense (stride (N, 1)); updated in place, rounded once:
-             C = round(fp32 product * A_scale * B_scale + C)
+    C        (M, N) bfloat16 or float16, rows dense (stride (N, 1)); updated in place by cuBLASLt's
+             epilogue (fp32 compute type): C = fp32 product * A_scale * B_scale + C
 
 cuBLASLt is column-major. Row-major C is the column-major (N, M) matrix C^T, and C^T += W A^T with
 W the (N, K) weight, whose row-major bytes are the column-major (K, N) matrix read transposed (op T),
