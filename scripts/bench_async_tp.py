@@ -7,10 +7,10 @@ For every GEMM kind (FlashInfer bmm_fp8, torch._scaled_mm tensor-wise, bf16 mm),
 both sides (all_gather -> GEMM, GEMM -> reduce_scatter) are timed in one run: the GEMM alone, the
 collective alone, unfused, ours (the pipeline schedule SCHEDULE_BY_GEMM picks for the kind and side), ours with
 another schedule ("other": one stream where ours is "sum_in_gemm" or two streams, else two streams),
-ours with FlashInfer's public API (bmm_fp8), torch's fused op where one exists. Reported per shape: ms, speedup vs unfused, overlap efficiency max(gemm, comm) / fused, the
-cost model's decision and the speedup with that gating. Times are GPU time with the calls queued ahead
-(see ``timed``); the JSON also has the host time per call of unfused and ours. Prints a table, writes
-JSON and a PNG.
+ours with FlashInfer's public API (bmm_fp8), torch's fused op where one exists. Reported per shape:
+ms, speedup vs unfused, overlap efficiency max(gemm, comm) / fused, the cost model's decision and the
+speedup with that gating. Times are GPU time with the calls queued ahead (see ``timed``); the JSON
+also has the host time per call of unfused and ours. Prints a table, writes JSON and a PNG.
 """
 
 from __future__ import annotations
