@@ -58,6 +58,7 @@ it raises, and a warm-up run of the same shapes before capturing avoids that, as
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import functools
@@ -77,6 +78,9 @@ SCHEDULE_BY_GEMM = {
 }
 """Schedule by (GEMM kind, "ag" | "rs"), from scripts/bench_async_tp.py on 2x H200."""
 _forced_schedule: str | None = None
+schedules_run: collections.Counter[tuple[str, str, str]] = collections.Counter()
+"""CUDA calls of the fused ops by (GEMM kind, "ag" | "rs", the schedule that ran, after fallbacks).
+Counted in Python: under CUDA graphs a replay does not count, its capture and warm-up do."""
 _copy_streams: dict[int, torch.cuda.Stream] = {}
 _workspace_bytes: dict[str, int] = {}
 """Bytes of the workspace this module last reserved per group (torch's may only be larger)."""
@@ -107,6 +111,10 @@ def schedule_for(gemm: str, side: str) -> str:
     if name == "sum_in_gemm" and side != "rs":
         return "one_compute_stream"
     return name
+
+
+def record_schedule(gemm: str, side: str, schedule: str) -> None:
+    schedules_run[gemm_kinds.split_kind(gemm)[0], side, schedule] += 1
 
 
 def _copy_stream() -> torch.cuda.Stream:
@@ -339,14 +347,13 @@ def sums_in_gemm(world_size: int, rows: int) -> bool:
 
 
 def two_rank_reduce_scatter_onto(
-    produce: Callable[[int, slice, torch.Tensor], None],
-    produce_onto: Callable[[int, slice, torch.Tensor], None],
+    produce: Callable[..., None],
     out: torch.Tensor,
     group_name: str,
 ) -> None:
     """World size 2, one compute stream: ``out`` (this rank's rows) = the peer's partial + this rank's,
-    with the addition done by this rank's GEMM (``produce_onto(rank, rows, out_rows)``: out_rows += its product)
-    instead of a pass over both partials after the last GEMM::
+    with the addition done by this rank's GEMM (``produce(rank, rows, out_rows, accumulate=True)``:
+    out_rows += its product) instead of a pass over both partials after the last GEMM::
 
         compute  [ gemm(peer piece 0) ][b][ gemm(peer piece 1) ][b][ gemm(own 0) += ][ gemm(own 1) += ]
         copies                             [ pull peer's piece 0 ]  [ pull piece 1 ][b']
@@ -355,8 +362,9 @@ def two_rank_reduce_scatter_onto(
     pieces) of the partial destined for ``rank``. The peer's partial of this rank's piece p is pulled
     straight into ``out``'s piece p, which this rank's GEMM of piece p then adds onto: its pull runs
     under the GEMM of the next piece, so only the last piece's pull, under the first own GEMM, must
-    keep up. How the addition rounds is the GEMM library's epilogue's (fp32 compute type); results
-    agree with the sum of two rounded partials within the tolerance the GPU tests allow.
+    keep up. cuBLAS's epilogues (FP8 cuBLASLt and bf16 ``addmm_``) round the product to the output
+    type before adding, so the result is the unfused sum of two rounded partials bit for bit (measured
+    on H200, cuBLAS 13; the GPU tests hold the FP8 GEMM to it and everything to FP8/bf16 tolerance).
     """
     symm = workspace(group_name, out.numel() * out.element_size())
     rank = symm.rank
@@ -380,6 +388,6 @@ def two_rank_reduce_scatter_onto(
         symm.barrier(channel=1)
     for piece, event in zip(pieces, pulled, strict=True):
         compute.wait_event(event)
-        produce_onto(rank, piece, out[piece])
+        produce(rank, piece, out[piece], accumulate=True)
     compute.wait_stream(copies)
 

@@ -63,7 +63,7 @@ def all_gather_gemm(
     return_gathered: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _validate(shard, B, A_scale, B_scale, gemm, out_dtype, world_size, group_name)
-    from ._symm_mem_pipeline import pipelined_all_gather, schedule_for
+    from ._symm_mem_pipeline import pipelined_all_gather, record_schedule, schedule_for
 
     m = shard.shape[0]
     gathered = shard.new_empty((m * world_size if return_gathered else 0, shard.shape[1]))
@@ -76,9 +76,9 @@ def all_gather_gemm(
         scale = gemm_kinds.rows_of_scale(A_scale, rows.start, rows.stop)
         gemm_kinds.compute_into(gemm, chunk, B, scale, B_scale, out[rows], use_fast_accum)
 
-    pipelined_all_gather(
-        shard, consume, gathered if return_gathered else None, world_size, group_name, schedule_for(gemm, "ag")
-    )
+    schedule = schedule_for(gemm, "ag")
+    record_schedule(gemm, "ag", schedule)
+    pipelined_all_gather(shard, consume, gathered if return_gathered else None, world_size, group_name, schedule)
     return gathered, out
 
 

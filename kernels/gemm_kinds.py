@@ -119,24 +119,35 @@ def compute_into(
     B_scale: torch.Tensor | None,
     out: torch.Tensor,
     use_fast_accum: bool,
+    accumulate: bool = False,
 ) -> None:
-    """Out-variant used per chunk inside the CUDA pipelines; ``out`` is a row slice of a buffer."""
+    """Out-variant used per chunk inside the CUDA pipelines; ``out`` is a row slice of a buffer.
+    ``accumulate``: ``out += gemm(A, B)`` in the GEMM's epilogue (only where :func:`adds_onto_output`)."""
     kind, backend = split_kind(kind)
     if kind == "mm":
-        torch.mm(A, B, out=out)
+        if accumulate:
+            out.addmm_(A, B)
+        else:
+            torch.mm(A, B, out=out)
     elif kind == "scaled_mm":
-        torch._scaled_mm(A, B, A_scale, B_scale, out_dtype=out.dtype, use_fast_accum=use_fast_accum, out=out)
+        if accumulate:
+            from .scaled_mm_accumulate import scaled_mm_accumulate_
+
+            scaled_mm_accumulate_(A, B, A_scale, B_scale, out, use_fast_accum)
+        else:
+            torch._scaled_mm(A, B, A_scale, B_scale, out_dtype=out.dtype, use_fast_accum=use_fast_accum, out=out)
     else:
+        assert not accumulate, "bmm_fp8 takes no C operand"
         from .bmm_fp8 import bmm_fp8_into
 
         bmm_fp8_into(A.unsqueeze(0), B.unsqueeze(0), A_scale, B_scale, out.unsqueeze(0), backend)
 
 
 def adds_onto_output(kind: str, A: torch.Tensor, B: torch.Tensor, A_scale, B_scale, out_dtype: torch.dtype) -> bool:
-    """Whether :func:`compute_onto` can add this GEMM's product onto an output in the GEMM itself: ``mm``
-    (cuBLAS with beta = 1) and tensor-wise e4m3 ``scaled_mm`` (cuBLASLt with beta = 1, the
-    library torch._scaled_mm runs on). ``bmm_fp8`` stays on FlashInfer's own call, row-wise scaling on
-    torch._scaled_mm: neither takes a C operand."""
+    """Whether :func:`compute_into` can add this GEMM's product onto ``out`` in the GEMM itself
+    (``accumulate=True``): ``mm`` (cuBLAS with beta = 1) and tensor-wise e4m3 ``scaled_mm`` (cuBLASLt
+    with beta = 1, the library torch._scaled_mm runs on). ``bmm_fp8`` stays on FlashInfer's own call,
+    row-wise scaling on torch._scaled_mm: neither takes a C operand."""
     kind = split_kind(kind)[0]
     if kind == "mm":
         return A.dtype in (*HALF_DTYPES, torch.float32)
@@ -145,25 +156,6 @@ def adds_onto_output(kind: str, A: torch.Tensor, B: torch.Tensor, A_scale, B_sca
 
         return can_accumulate(A, B, A_scale, B_scale, out_dtype)
     return False
-
-
-def compute_onto(
-    kind: str,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    A_scale: torch.Tensor | None,
-    B_scale: torch.Tensor | None,
-    out: torch.Tensor,
-    use_fast_accum: bool,
-) -> None:
-    """``out += gemm(A, B)`` in the GEMM's epilogue (where :func:`adds_onto_output`)."""
-    kind = split_kind(kind)[0]
-    if kind == "mm":
-        out.addmm_(A, B)
-    else:
-        from .scaled_mm_accumulate import scaled_mm_accumulate_
-
-        scaled_mm_accumulate_(A, B, A_scale, B_scale, out, use_fast_accum)
 
 
 def safe_on_concurrent_streams(kind: str) -> bool:

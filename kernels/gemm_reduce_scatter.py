@@ -42,6 +42,23 @@ def reference_gemm_reduce_scatter(
     return torch.ops._c10d_functional.wait_tensor(out)
 
 
+def schedule_that_runs(gemm, A, B, A_scale, B_scale, out_dtype, reduce_op, world_size) -> str:
+    """The schedule a CUDA call with these arguments runs: ``schedule_for(gemm, "rs")`` unless it is
+    "sum_in_gemm" and the call cannot add in its GEMM (more ranks, short pieces, "avg", a GEMM without a C
+    operand), which falls back to "one_compute_stream"."""
+    from ._symm_mem_pipeline import schedule_for, sums_in_gemm
+
+    schedule = schedule_for(gemm, "rs")
+    if schedule != "sum_in_gemm":
+        return schedule
+    adds = (
+        reduce_op == "sum"
+        and sums_in_gemm(world_size, A.shape[0] // world_size)
+        and gemm_kinds.adds_onto_output(gemm, A, B, A_scale, B_scale, gemm_kinds.result_dtype(gemm, A, out_dtype))
+    )
+    return schedule if adds else "one_compute_stream"
+
+
 @torch.library.custom_op(op_name(OP), mutates_args=(), device_types="cuda")
 def gemm_reduce_scatter(
     A: torch.Tensor,
@@ -56,36 +73,22 @@ def gemm_reduce_scatter(
     use_fast_accum: bool = False,
 ) -> torch.Tensor:
     _validate(A, B, A_scale, B_scale, gemm, out_dtype, reduce_op, world_size, group_name)
-    from ._symm_mem_pipeline import (
-        pipelined_reduce_scatter_rows,
-        schedule_for,
-        sums_in_gemm,
-        two_rank_reduce_scatter_onto,
-    )
+    from ._symm_mem_pipeline import pipelined_reduce_scatter_rows, record_schedule, two_rank_reduce_scatter_onto
 
     m = A.shape[0] // world_size
     A = A.contiguous()
     dtype = gemm_kinds.result_dtype(gemm, A, out_dtype)
-    schedule = schedule_for(gemm, "rs")
+    schedule = schedule_that_runs(gemm, A, B, A_scale, B_scale, out_dtype, reduce_op, world_size)
+    record_schedule(gemm, "rs", schedule)
     if schedule == "sum_in_gemm":
-        if (
-            reduce_op == "sum"
-            and sums_in_gemm(world_size, m)
-            and gemm_kinds.adds_onto_output(gemm, A, B, A_scale, B_scale, dtype)
-        ):
-            out = torch.empty((m, B.shape[1]), dtype=dtype, device=A.device)
+        out = torch.empty((m, B.shape[1]), dtype=dtype, device=A.device)
 
-            def produce_piece(rank: int, rows: slice, dst: torch.Tensor) -> None:
-                gemm_kinds.compute_into(gemm, A[rank * m + rows.start : rank * m + rows.stop], B, A_scale, B_scale,
-                                        dst, use_fast_accum)
+        def produce_piece(rank: int, rows: slice, dst: torch.Tensor, accumulate: bool = False) -> None:
+            A_rows = A[rank * m + rows.start : rank * m + rows.stop]
+            gemm_kinds.compute_into(gemm, A_rows, B, A_scale, B_scale, dst, use_fast_accum, accumulate)
 
-            def produce_onto(rank: int, rows: slice, dst: torch.Tensor) -> None:
-                gemm_kinds.compute_onto(gemm, A[rank * m + rows.start : rank * m + rows.stop], B, A_scale, B_scale,
-                                        dst, use_fast_accum)
-
-            two_rank_reduce_scatter_onto(produce_piece, produce_onto, out, group_name)
-            return out
-        schedule = "one_compute_stream"
+        two_rank_reduce_scatter_onto(produce_piece, out, group_name)
+        return out
     stacked = torch.empty((world_size * m, B.shape[1]), dtype=dtype, device=A.device)
 
     def produce(rank: int, out: torch.Tensor) -> None:

@@ -11,7 +11,10 @@ of summing the two afterwards (a pass over three matrices after the last GEMM; _
     A_scale  float32, one element;  B_scale float32, one element (tensor-wise: cuBLASLt's scale
              pointers are per tensor on Hopper, so row-wise scaling stays on torch._scaled_mm)
     C        (M, N) bfloat16 or float16, rows dense (stride (N, 1)); updated in place by cuBLASLt's
-             epilogue (fp32 compute type): C = fp32 product * A_scale * B_scale + C
+             epilogue: C = round(round(product * A_scale * B_scale) + C), the product rounded to C's
+             type before the add (measured, cuBLAS 13 on H200: every element matches a separate
+             _scaled_mm + add, where one rounding would differ in 24% of them), so the fused
+             reduce_scatter gives the unfused sum bit for bit (tests/gpu/test_scaled_mm_accumulate.py)
 
 cuBLASLt is column-major. Row-major C is the column-major (N, M) matrix C^T, and C^T += W A^T with
 W the (N, K) weight, whose row-major bytes are the column-major (K, N) matrix read transposed (op T),

@@ -48,3 +48,11 @@ def test_depths_must_cover_the_same_token_counts(bench):
     long = {**long, "rows": long["rows"] * 2}
     with pytest.raises(ValueError):
         bench.per_layer(short, long)
+
+
+def test_the_table_says_which_schedules_the_fused_ops_ran(bench):
+    result = _recorded(2)
+    assert "schedules" not in bench.table(result)  # recorded before the ops counted them
+    row = {**result["rows"][0], "sp+async_tp_schedules": {"scaled_mm rs sum_in_gemm": 6, "scaled_mm ag one_compute_stream": 9}}
+    text = bench.table({**result, "rows": [row]})
+    assert "16384 tokens, fused ops' schedules (calls): scaled_mm rs sum_in_gemm x6, scaled_mm ag one_compute_stream x9" in text

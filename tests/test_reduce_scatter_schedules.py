@@ -9,6 +9,7 @@ import torch
 
 from fusionpasses.kernels import gemm_kinds
 from fusionpasses.kernels._symm_mem_pipeline import force_schedule, schedule_for, sums_in_gemm
+from fusionpasses.kernels.gemm_reduce_scatter import schedule_that_runs
 from fusionpasses.kernels.library import KernelInputError
 from fusionpasses.kernels.scaled_mm_accumulate import scaled_mm_accumulate_
 
@@ -33,6 +34,36 @@ def test_only_the_reduce_scatter_sums_in_the_gemm():
 def test_the_sum_moves_into_the_gemm_for_two_ranks_and_long_pieces(world_size, rows, sums):
     # Two pieces of at least MIN_ROWS_ADDED_IN_THE_GEMM rows each (2048: M >= 8192 at ws 2).
     assert sums_in_gemm(world_size, rows) is sums
+
+
+def _meta(*shape, dtype=FP8):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+@pytest.mark.parametrize(
+    "gemm,M,A_scale,out_dtype,reduce_op,world_size,runs",
+    [
+        # bench_tp_block's down projection at 16384 tokens: (1,) scales, 4096 rows per piece.
+        ("scaled_mm", 16384, (1,), BF16, "sum", 2, "sum_in_gemm"),
+        ("scaled_mm", 8192, (1,), BF16, "sum", 2, "sum_in_gemm"),
+        ("scaled_mm", 4096, (1,), BF16, "sum", 2, "one_compute_stream"),  # 1024 rows per piece
+        ("scaled_mm", 16384, (16384, 1), BF16, "sum", 2, "one_compute_stream"),  # row-wise
+        ("scaled_mm", 16384, (1,), BF16, "avg", 2, "one_compute_stream"),
+        ("scaled_mm", 16384, (1,), BF16, "sum", 4, "one_compute_stream"),
+        ("mm", 16384, None, None, "sum", 2, "sum_in_gemm"),
+        ("bmm_fp8", 16384, (1,), BF16, "sum", 2, "one_compute_stream"),  # FlashInfer's call takes no C
+    ],
+    ids=["tp-block", "M8192", "M4096", "rowwise", "avg", "ws4", "mm", "bmm_fp8"],
+)
+def test_the_schedule_that_runs_after_fallbacks(gemm, M, A_scale, out_dtype, reduce_op, world_size, runs):
+    K, N = 14336, 8192
+    dtype = BF16 if gemm == "mm" else FP8
+    A, B = _meta(M, K, dtype=dtype), _meta(N, K, dtype=dtype).t()
+    scales = (None, None) if A_scale is None else (_meta(*A_scale, dtype=torch.float32), _meta(1, dtype=torch.float32))
+    if gemm == "scaled_mm" and len(A_scale) == 2:
+        scales = (scales[0], _meta(1, N, dtype=torch.float32))
+    with force_schedule("sum_in_gemm"):  # the default for mm and scaled_mm, forced for bmm_fp8
+        assert schedule_that_runs(gemm, A, B, *scales, out_dtype, reduce_op, world_size) == runs
 
 
 def _fp8(*shape):

@@ -236,13 +236,14 @@ def test_pipeline_schedules_back_to_back(nccl_group, schedule, case, gemm, monke
     the peer's partial in this rank's GEMM at two ranks (bf16 mm, tensor-wise _scaled_mm) and falls
     back to one stream elsewhere (test_fused_ops_match_unfused's single row per rank falls back too).
     Its row minimum is lifted here so that every shape takes it."""
-    from fusionpasses.kernels import _symm_mem_pipeline
+    from fusionpasses.kernels import _symm_mem_pipeline, gemm_kinds
     from fusionpasses.kernels._symm_mem_pipeline import force_schedule
     from fusionpasses.kernels.all_gather_gemm import reference_all_gather_gemm
     from fusionpasses.kernels.gemm_reduce_scatter import reference_gemm_reduce_scatter
 
     ws, group = dist.get_world_size(), nccl_group.group_name
     monkeypatch.setattr(_symm_mem_pipeline, "MIN_ROWS_ADDED_IN_THE_GEMM", 1)
+    _symm_mem_pipeline.schedules_run.clear()
     calls = []
     with force_schedule(schedule):
         for m_local, k, n in ((256, 512, 384), (96, 256, 640), (2048, 8192, 7168), (512, 512, 128)):
@@ -253,6 +254,12 @@ def test_pipeline_schedules_back_to_back(nccl_group, schedule, case, gemm, monke
             ag = torch.ops.fusionpasses.all_gather_gemm(*x_args)
             rs = torch.ops.fusionpasses.gemm_reduce_scatter(*y_args)
             calls.append((x_args, ag, y_args, rs))
+    ran = schedule
+    if schedule == "sum_in_gemm" and not (ws == 2 and case in ("mm", "scaled_mm")):
+        ran = "one_compute_stream"
+    elif schedule == "two_streams" and gemm == "bmm_fp8" and not gemm_kinds.safe_on_concurrent_streams(gemm):
+        ran = "one_compute_stream"
+    assert _symm_mem_pipeline.schedules_run[gemm, "rs", ran] == len(calls)
     # All references (collectives) first, then the assertions: see test_fused_ops_match_unfused.
     checks = [
         (ag, reference_all_gather_gemm(*x_args), rs, reference_gemm_reduce_scatter(*y_args))

@@ -29,12 +29,16 @@ def _operands(m, k, n, out_dtype, seed):
 def test_adds_the_scaled_product_onto_c(m, k, n, out_dtype, fast_accum):
     a, w, sa, sb, c = _operands(m, k, n, out_dtype, seed=m + k + n)
     want = (a.float() @ w.float().t() * (sa * sb) + c.float()).to(out_dtype)
-    # What the pipeline did before: torch._scaled_mm, then a separate add (two roundings).
+    # The unfused graph: torch._scaled_mm, then a separate add (two roundings).
     two_roundings = torch._scaled_mm(a, w.t(), sa, sb, out_dtype=out_dtype, use_fast_accum=fast_accum) + c
     got = scaled_mm_accumulate_(a, w.t(), sa, sb, c.clone(), use_fast_accum=fast_accum)
     torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=2e-2)
-    torch.testing.assert_close(got.float(), two_roundings.float(), rtol=1.6e-2, atol=2e-2)
     assert (got != c).any(), "the product was not added"
+    # cuBLASLt's FP8 epilogue rounds the scaled product to C's type before it adds C (measured with
+    # cuBLAS 13 on H200: every element, where a single rounding would differ in about 24% of them), so
+    # the two-rank reduce_scatter that adds in its GEMM gives the unfused sum bit for bit. Should a
+    # cuBLAS change that, the results stay within FP8 tolerance (above) but stop matching bitwise.
+    assert torch.equal(got, two_roundings), f"{(got != two_roundings).float().mean().item():.2%} of elements differ"
 
 
 def test_row_slices_at_any_alignment_and_in_a_cuda_graph():
