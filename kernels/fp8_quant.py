@@ -9,13 +9,10 @@ Definition: ``(x.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)``, el
            0 gives +-448 for nonzero x and NaN for 0 / 0, as the definition does.
     q      float8_e4m3fn, x's shape, contiguous. NaN stays NaN; +-inf saturates to +-448.
 
-GPU kernel: Triton, 1-D blocks over the flattened tensor. The division is IEEE (``div_rn``). From
-sm_89 (Ada, Hopper, Blackwell) the E4M3 byte comes from the GPU's own conversion,
-``cvt.rn.satfinite.e4m3x2.f32`` (round to nearest even, saturating, NaN kept: the definition's bits
-after the clamp). Elsewhere, and in Triton's CPU interpreter, it is assembled with integer
-arithmetic (``_e4m3_code``): the interpreter rounds Triton's fp8 cast half-up without carrying into
-the exponent (127.03 becomes 64), so the CPU suite checks the integer encoding, and the GPU suite
-checks the hardware one on every bf16 value. On H200 (bf16 in, 2048 elements per program) the
+GPU kernel: Triton, 1-D blocks over the flattened tensor. The division is IEEE (``div_rn``); the
+E4M3 byte is the GPU's own conversion from sm_89, an integer encoding elsewhere and in Triton's CPU
+interpreter (``_e4m3.py``): the CPU suite checks the integer encoding, and the GPU suite checks the
+hardware one on every bf16 value. On H200 (bf16 in, 2048 elements per program) the
 hardware conversion took 16384 x 14336 from 314 to 162 us, 4.35 TB/s against 4.24 TB/s for
 ``x.clone()``; the integer encoding (some 15 instructions per element) left the kernel bound by
 instruction issue at 2.2 TB/s.
@@ -27,7 +24,8 @@ from collections.abc import Iterator
 
 import torch
 
-from ._triton import interpreting, jit, require_triton, tl, triton
+from ._e4m3 import divide_saturate, e4m3_bits, software_e4m3
+from ._triton import jit, require_triton, tl, triton
 from .library import (
     HALF_DTYPES,
     OpSample,
@@ -55,40 +53,11 @@ def reference_quant_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Te
 
 
 @jit
-def _quant_fp8_static_kernel(x_ptr, scale_ptr, out_ptr, n_elements, BLOCK: tl.constexpr, HARDWARE_CVT: tl.constexpr):
+def _quant_fp8_static_kernel(x_ptr, scale_ptr, out_ptr, n_elements, BLOCK: tl.constexpr, SOFTWARE_E4M3: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = tl.math.div_rn(x, tl.load(scale_ptr))
-    # clamp keeps NaN (torch.clamp does); tl.minimum/maximum may not.
-    y = tl.where(y != y, y, tl.minimum(tl.maximum(y, -448.0), 448.0))
-    if HARDWARE_CVT:
-        tl.store(out_ptr + offs, y.to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=mask)
-    else:
-        tl.store(out_ptr + offs, _e4m3_code(y), mask=mask)
-
-
-@jit
-def _e4m3_code(y):
-    bits = y.to(tl.uint32, bitcast=True)
-    sign = (bits >> 24) & 0x80
-    magnitude = bits & 0x7FFFFFFF
-    # |y| >= 2**-6 is a normal E4M3 number: drop 20 of fp32's 23 mantissa bits, ties to even; the
-    # carry may ripple into the exponent, which is the right result. Re-bias 127 -> 7: (120 << 3).
-    rounded = magnitude + 0x7FFFF + ((magnitude >> 20) & 1)
-    normal_code = (rounded >> 20) - 960
-    # |y| < 2**-6: E4M3 subnormals are the multiples of 2**-9, so the code is round(|y| * 512); adding
-    # and subtracting 2**23 rounds to an integer, ties to even. Code 8 (a carry) is 2**-6, still right.
-    tiny = tl.where(magnitude < 0x3C800000, tl.abs(y), 0.0) * 512.0
-    subnormal_code = ((tiny + 8388608.0) - 8388608.0).to(tl.uint32)
-    code = tl.where(magnitude >= 0x3C800000, normal_code, subnormal_code)
-    code = tl.where(magnitude > 0x7F800000, 0x7F, code)  # NaN
-    return (code | sign).to(tl.uint8)
-
-
-def _hardware_cvt(device: torch.device) -> bool:
-    """Whether the GPU converts to E4M3 itself (``cvt.rn.satfinite.e4m3x2.f32``, sm_89 and later)."""
-    return not interpreting() and torch.cuda.get_device_capability(device) >= (8, 9)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, e4m3_bits(divide_saturate(x, tl.load(scale_ptr)), SOFTWARE_E4M3), mask=mask)
 
 
 def launch_quant_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -99,7 +68,7 @@ def launch_quant_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
     n = flat.numel()
     if n:
         _quant_fp8_static_kernel[(triton.cdiv(n, BLOCK),)](
-            flat, scale, out.view(torch.uint8).view(-1), n, BLOCK=BLOCK, HARDWARE_CVT=_hardware_cvt(x.device),
+            flat, scale, out.view(torch.uint8).view(-1), n, BLOCK=BLOCK, SOFTWARE_E4M3=software_e4m3(x.device),
             num_warps=4,
         )
     return out

@@ -55,10 +55,9 @@ multiply-adds in inline PTX (``_PAIR_BYTE_PTX``, which explains why; Triton's CP
 same steps in Triton). Blackwell's hardware ``cvt.rn.satfinite.e2m1x2.f32`` is not used: no Blackwell
 machine is available to check that path bit for bit. On H200 the kernel moves 60-87% of a device copy's
 bytes per second at M >= 1024 (docs/benchmarks.md): 79-87% at M = 8192, 60% at 1024 x 7168, where
-its loads and stores alone, without the arithmetic, reach 65-71%. The block scales use Triton's
-fp32 -> fp8e4nv cast on GPUs (``cvt.rn.satfinite``, nearest even) but software rounding under Triton's
-CPU interpreter, whose fp8 cast rounds ties and subnormals wrongly; both are checked against the
-reference (CPU suite and GPU tests). Divisions are IEEE (``tl.math.div_rn``): Triton's ``/`` is
+its loads and stores alone, without the arithmetic, reach 65-71%. The block scales are the GPU's own E4M3
+conversion (``cvt.rn.satfinite``, nearest even), an integer encoding under Triton's CPU interpreter
+(``_e4m3.py``); both are checked against the reference (CPU suite and GPU tests). Divisions are IEEE (``tl.math.div_rn``): Triton's ``/`` is
 approximate on NVIDIA GPUs.
 NaN inputs give unspecified codes, confined to the NaN's own nibble.
 """
@@ -71,6 +70,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ._e4m3 import e4m3_bits
 from ._triton import HAS_TRITON, interpreting, jit, require_triton, tl, triton
 from .library import (
     HALF_DTYPES,
@@ -220,22 +220,6 @@ def dequantize_nvfp4(
 # ---------------------------------------------------------------------------------------------
 # Triton kernel
 # ---------------------------------------------------------------------------------------------
-
-
-@jit
-def _round_to_e4m3(v):
-    """Non-negative float32 v <= 448 -> (E4M3 value as float32, E4M3 code): nearest, ties to even."""
-    # E4M3 subnormals are multiples of 2^-9 below 2^-6: adding 2^14 (float32 ulp 2^-9 there) rounds to them.
-    below_normal = v < 0.015625
-    subnormal = (v + 16384.0) - 16384.0
-    # Normal range: keep 3 of float32's 23 mantissa bits, rounding the 20 dropped bits to nearest even;
-    # a carry out of the mantissa correctly bumps the exponent.
-    bits = v.to(tl.int32, bitcast=True)
-    rounded_bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576
-    value = tl.where(below_normal, subnormal, rounded_bits.to(tl.float32, bitcast=True))
-    # E4M3 code = (biased exponent << 3) | mantissa; float32 and E4M3 exponent biases differ by 120.
-    code = tl.where(below_normal, (subnormal * 512.0).to(tl.int32), (rounded_bits >> 20) - (120 << 3))
-    return value, code
 
 
 # Packing one pair of values into its byte: the E2M1 rounding, written to keep this kernel off its limit.
@@ -421,12 +405,8 @@ def _quantize_tile(
 
     amax = tl.max(tl.maximum(tl.abs(low), tl.abs(high)), axis=2)
     scale = tl.minimum(amax * 0.16666666666666666 * global_scale, 448.0)
-    if INTERPRETED:
-        scale_value, scale_code = _round_to_e4m3(scale)
-    else:
-        scale_fp8 = scale.to(tl.float8e4nv)
-        scale_value = scale_fp8.to(tl.float32)
-        scale_code = scale_fp8.to(tl.uint8, bitcast=True)
+    scale_code = e4m3_bits(scale, INTERPRETED)
+    scale_value = scale_code.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     nonzero = scale_value > 0.0
     # div_rn is IEEE division (plain `/` is approximate on NVIDIA); it takes operands of one shape.
     numerator = tl.full((BLOCK_M, BLOCKS), 1.0, tl.float32) * global_scale
@@ -451,7 +431,7 @@ def _quantize_tile(
         offsets = scale_row * scale_cols + scale_col
     tl.store(
         scales_ptr + offsets,
-        scale_code.to(tl.uint8),
+        scale_code,
         mask=(scale_row < scale_rows) & (scale_col < scale_cols),
     )
 

@@ -23,7 +23,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from ._triton import interpreting, jit, require_triton, tl, triton
+from ._e4m3 import divide_saturate, e4m3_bits, software_e4m3
+from ._triton import jit, require_triton, tl, triton
 from .library import OpSample, check, check_dtype, check_same_device, check_tensorwise_scale, op_name, opcheck_samples
 
 OP = "qkv_fp8_quant"
@@ -70,42 +71,6 @@ def reference_qkv_fp8_quant(x: torch.Tensor, scale: torch.Tensor, pad: int | Non
 
 
 @jit
-def _round_to_e4m3_grid(y):
-    """RNE of fp32 ``y`` (|y| <= 448) onto the e4m3 grid, in fp32 arithmetic.
-
-    Only for Triton's CPU interpreter, whose fp32 -> fp8 cast rounds ties away from zero, drops
-    the carry into the exponent (125.8 -> 64) and maps NaN to 384. Rounding here first makes that
-    cast exact, so the CPU suite checks this kernel bit for bit; on GPUs the hardware cast is used.
-    """
-    bits = y.to(tl.int32, bitcast=True)
-    exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # e4m3 subnormals keep the 2^-6 spacing
-    ulp = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(exponent - 3), 3 mantissa bits
-    magic = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds |t| < 2^22 to an integer, ties to even
-    rounded = ((y / ulp + magic) - magic) * ulp
-    return tl.where(rounded == 0.0, y * 0.0, rounded)  # keep the sign of zero, as the hardware cast does
-
-
-@jit
-def _divide_saturate(x, scale):
-    """IEEE ``x / scale`` in fp32, clamped to [-448, 448] with NaN kept (as torch.clamp does)."""
-    y = tl.math.div_rn(x.to(tl.float32), scale)
-    return tl.minimum(
-        tl.maximum(y, -448.0, propagate_nan=tl.PropagateNan.ALL), 448.0, propagate_nan=tl.PropagateNan.ALL
-    )
-
-
-@jit
-def _cast_e4m3(y, INTERPRETER: tl.constexpr):
-    if INTERPRETER:
-        # y != y: NaN, which becomes e4m3's NaN byte 0x7F as on the GPU
-        bits = tl.where(y != y, 0x7F, _round_to_e4m3_grid(y).to(tl.float8e4nv).to(tl.uint8, bitcast=True))
-        q = bits.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-    else:
-        q = y.to(tl.float8e4nv)  # cvt.rn.satfinite: round to nearest even
-    return q
-
-
-@jit
 def _qkv_fp8_quant_kernel(
     x_ptr,
     scale_ptr,
@@ -124,7 +89,7 @@ def _qkv_fp8_quant_kernel(
     BLOCK_COLS: tl.constexpr,
     ROW_ALIGN: tl.constexpr,
     FLAT: tl.constexpr,
-    INTERPRETER: tl.constexpr,
+    SOFTWARE_E4M3: tl.constexpr,
 ):
     scale = tl.load(scale_ptr)
     pid = tl.program_id(0).to(tl.int64)
@@ -132,8 +97,8 @@ def _qkv_fp8_quant_kernel(
         # Contiguous input and no pad: input and output are the same flat index space.
         offsets = pid * (BLOCK_ROWS * BLOCK_COLS) + tl.arange(0, BLOCK_ROWS * BLOCK_COLS)
         mask = offsets < n_elements
-        y = _divide_saturate(tl.load(x_ptr + offsets, mask=mask, other=0.0), scale)
-        tl.store(out_ptr + offsets, _cast_e4m3(y, INTERPRETER), mask=mask)
+        y = divide_saturate(tl.load(x_ptr + offsets, mask=mask, other=0.0), scale)
+        tl.store(out_ptr + offsets, e4m3_bits(y, SOFTWARE_E4M3).to(tl.float8e4nv, bitcast=True), mask=mask)
     else:
         # One row is one (token, head): HEAD_DIM strided inputs -> PADDED_HEAD_DIM contiguous outputs.
         rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -151,9 +116,10 @@ def _qkv_fp8_quant_kernel(
             x = tl.load(
                 x_ptr + src_rows[:, None] + cols[None, :] * stride_d, mask=row_mask[:, None] & in_head, other=0.0
             )
-            y = tl.where(in_head, _divide_saturate(x, scale), 0.0)  # the pad is +0 whatever the scale (0 / 0 is NaN)
+            y = tl.where(in_head, divide_saturate(x, scale), 0.0)  # the pad is +0 whatever the scale (0 / 0 is NaN)
             store_mask = row_mask[:, None] & (cols < PADDED_HEAD_DIM)[None, :]
-            tl.store(out_ptr + dst_rows[:, None] + cols[None, :], _cast_e4m3(y, INTERPRETER), mask=store_mask)
+            q = e4m3_bits(y, SOFTWARE_E4M3).to(tl.float8e4nv, bitcast=True)
+            tl.store(out_ptr + dst_rows[:, None] + cols[None, :], q, mask=store_mask)
 
 
 def _column_block(padded: int) -> int:
@@ -236,7 +202,7 @@ def quantize_pad_fp8(
         BLOCK_COLS=block_cols,
         ROW_ALIGN=_row_alignment(x, (batch, seq_len, num_heads), strides[:3]),
         FLAT=flat,
-        INTERPRETER=interpreting(),
+        SOFTWARE_E4M3=software_e4m3(x.device),
         num_warps=4,
     )
     return out
