@@ -44,21 +44,21 @@ only needs whole blocks (multiples of 16). With the swizzled layout, padding K f
 never changes the scale tensor's shape (its columns are already padded to 4 blocks = 64 elements).
 
 GPU kernel: Triton, bit-identical to :func:`reference_nvfp4_quant`. A program quantizes a (row tile,
-K tile) of x; for large inputs a few programs per SM walk the row tiles, loading the next ones ahead
-(``TileShape``, ``default_tile``, tuned by ``scripts/bench_nvfp4_quant.py --sweep``). Each thread owns
-whole scale blocks: it loads a block's 16 values as eight 32-bit words (two elements each, decoded with
+K tile) of x: by default one warp, 2 rows x 512 columns (``TileShape``, ``default_tile``, tuned by
+``scripts/bench_nvfp4_quant.py --sweep``; tiles can also walk the rows, loading the next ones ahead).
+Each thread owns whole scale blocks: it loads a block's 16 values as eight 32-bit words (two elements each, decoded with
 bit operations), reduces the amax, and stores the block's 8 packed bytes, so no value crosses threads.
 Rows that are not 4-byte aligned (odd row stride, or a base 2 bytes past a word) take the same kernel
 with 2-byte loads instead (correct, slower; ``word_loads_possible``).
 E2M1 rounding is done in software on every GPU, Hopper and Blackwell alike, as float and integer
 multiply-adds in inline PTX (``_PAIR_BYTE_PTX``, which explains why; Triton's CPU interpreter runs the
 same steps in Triton). Blackwell's hardware ``cvt.rn.satfinite.e2m1x2.f32`` is not used: no Blackwell
-machine is available to check that path bit for bit. On H200 the kernel moves 60-87% of a device copy's
-bytes per second at M >= 1024 (docs/benchmarks.md): 79-87% at M = 8192, 60% at 1024 x 7168, where
-its loads and stores alone, without the arithmetic, reach 65-71%. The block scales are the GPU's own E4M3
-conversion (``cvt.rn.satfinite``, nearest even), an integer encoding under Triton's CPU interpreter
-(``_e4m3.py``); both are checked against the reference (CPU suite and GPU tests). Divisions are IEEE (``tl.math.div_rn``): Triton's ``/`` is
-approximate on NVIDIA GPUs.
+machine is available to check that path bit for bit. With the default tile the kernel moves 71-100% of
+a device copy's bytes per second at M >= 1024 on H100 (docs/benchmarks.md): 98-100% at M = 8192,
+71-74% at 1024 x 7168. The block scales are the GPU's own E4M3 conversion (``cvt.rn.satfinite``,
+nearest even), an integer encoding under Triton's CPU interpreter (``_e4m3.py``); both are checked
+against the reference (CPU suite and GPU tests). Divisions are IEEE (``tl.math.div_rn``): Triton's
+``/`` is approximate on NVIDIA GPUs.
 NaN inputs give unspecified codes, confined to the NaN's own nibble.
 """
 
@@ -470,30 +470,32 @@ class TileShape:
         return -(-row_tiles // tiles_each)
 
 
-# The default tiles, from `scripts/bench_nvfp4_quant.py --sweep` on H200 (Triton 3.6, 2026-11-22; % of a
-# device copy's bandwidth at M x N = 1024 x 7152, 1024 x 14336, 8192 x 7152, 8192 x 14336):
-#   WALKING_TILE (2x512, 1 warp, 16 per SM, 3 stages)    56.2%  75.0%  77.1%  83.0%
-#   one 4x1024 tile of 4 warps per program               60.8%  68.9%  74.6%  77.6%
-# Programs that walk the rows win once each gets enough tiles to keep loads ahead of its arithmetic, and
-# lose where it gets a few (1024 x 7152: 4 each). Every other candidate was behind one of these two on
-# every shape; tiles of 8 warps and more lost everywhere. Runs of one tile vary by about 2%.
-DEFAULT_BLOCK_K = 1024
-"""Columns per program (at most): 64 blocks, so one warp's row of blocks is 2 KiB of contiguous bf16."""
-DEFAULT_TILE_ELEMENTS = 4096
-"""Elements per program at large M (8 KiB of bf16); fewer when M is too small to fill the GPU."""
-DEFAULT_ELEMENTS_PER_THREAD = 32
-"""Two scale blocks per thread: num_warps = tile elements / (32 * this), clamped to 1..16."""
-MIN_PROGRAMS_PER_SM = 4
-"""Small M: rows per program halve until the grid has this many programs per SM."""
-WALKING_TILE = TileShape(2, 512, 1, programs_per_sm=16, stages=3)
-"""The default where each of its programs gets at least ``MIN_TILES_PER_WALK`` row tiles."""
-MIN_TILES_PER_WALK = 6
-"""Row tiles per program from which walking beats one tile per program: twice the tiles loading ahead."""
+# The default tile: one warp quantizing 2 rows x 512 columns (two scale blocks a thread), one tile per
+# program. `scripts/bench_nvfp4_quant.py --sweep`-style probes on H100 (Triton 3.6, 2026-12-08, % of a
+# device copy's bandwidth, padded quant, swizzled scales):
+#                                                  1024x7152 1024x7168 1024x14336 8192x7152 8192x14336
+#   one 2x512 tile of 1 warp per program (default)   71.2%     73.7%     91.2%      98.0%     100.0%
+#   walking 2x512, 1 warp, 16 per SM, 3 stages        59.3%     68.2%     85.4%      86.9%      96.2%
+#   one 4x1024 tile of 4 warps per program            61.5%     66.4%     84.6%      93.1%      95.9%
+# A likely reason (not profiled): the 4-warp tile needs 72 registers a thread (Triton 3.9's sm90 build), so
+# at most 7 programs fit an SM, and 1024 x 7168 ran 1792 programs on 924 slots, two rounds of loads then
+# arithmetic; one-warp programs come in much finer steps. Programs walking the rows with loads in flight
+# (cp.async, or TMA with up to 8 stages, a throwaway probe) lost on every shape. Not yet measured on H200,
+# where the walking tile had been the default for large inputs (docs/benchmarks.md).
+DEFAULT_BLOCK_K = 512
+"""Columns per program (at most): 32 blocks, so each row of a tile is 1 KiB of contiguous bf16."""
+DEFAULT_TILE_ELEMENTS = 1024
+"""Elements per program: 2 KiB of bf16, one warp with two scale blocks a thread. Halving the rows of
+small-M tiles to put more programs on the GPU left one block a thread: 52% against 57% at 16 x 7168."""
 CANDIDATE_TILES = (
     # (rows, columns, warps[, programs per SM, stages]) that `bench_nvfp4_quant.py --sweep` ranks and the
     # GPU tests check bit for bit: 32 elements (2 scale blocks) per thread but for two, 2 to 16 KiB of
     # bf16 per program. Tiles of 16 warps, and of 8 warps and 32 rows, lost on every shape of the first
     # sweeps and were dropped.
+    TileShape(2, 512, 1),
+    TileShape(4, 256, 1),
+    TileShape(8, 128, 1),
+    TileShape(1, 1024, 1),
     TileShape(8, 512, 4),
     TileShape(8, 512, 8),
     TileShape(16, 512, 4),
@@ -512,23 +514,11 @@ CANDIDATE_TILES = (
 )
 
 
-def default_tile(rows: int, cols: int, sm_count: int = 132) -> TileShape:
-    """``WALKING_TILE`` where each of its programs gets ``MIN_TILES_PER_WALK`` row tiles or more. Otherwise one
-    tile per program: ``DEFAULT_BLOCK_K`` columns (fewer for narrow inputs) by up to
-    ``DEFAULT_TILE_ELEMENTS / block_k`` rows, halving the rows until there are ``MIN_PROGRAMS_PER_SM``
-    programs per SM, so small M still fills the GPU."""
-    walk = WALKING_TILE
-    if cols >= walk.block_k:
-        row_tiles = triton.cdiv(rows, walk.block_m)
-        if row_tiles >= MIN_TILES_PER_WALK * walk.row_programs(row_tiles, triton.cdiv(cols, walk.block_k), sm_count):
-            return walk
+def default_tile(cols: int) -> TileShape:
+    """One warp per program, one tile each: ``DEFAULT_BLOCK_K`` columns (fewer for narrow inputs) by
+    ``DEFAULT_TILE_ELEMENTS / block_k`` rows."""
     block_k = min(DEFAULT_BLOCK_K, max(BLOCK_SIZE, triton.next_power_of_2(cols)))
-    k_tiles = triton.cdiv(cols, block_k)
-    block_m = max(1, DEFAULT_TILE_ELEMENTS // block_k)
-    while block_m > 1 and triton.cdiv(rows, block_m) * k_tiles < MIN_PROGRAMS_PER_SM * sm_count:
-        block_m //= 2
-    num_warps = min(16, max(1, block_m * block_k // (32 * DEFAULT_ELEMENTS_PER_THREAD)))
-    return TileShape(block_m, block_k, num_warps)
+    return TileShape(max(1, DEFAULT_TILE_ELEMENTS // block_k), block_k, 1)
 
 
 def word_loads_possible(x: torch.Tensor) -> bool:
@@ -557,7 +547,7 @@ def launch_nvfp4_quant(
     cols = scale_cols * BLOCK_SIZE
     sms = sm_count(x.device, interpreted=132)
     if tile is None:
-        tile = default_tile(scale_rows, cols, sms)
+        tile = default_tile(cols)
     k_tiles = triton.cdiv(cols, tile.block_k)
     row_programs = tile.row_programs(triton.cdiv(scale_rows, tile.block_m), k_tiles, sms)
     grid = (k_tiles, min(row_programs, MAX_GRID_Y), triton.cdiv(row_programs, MAX_GRID_Y))

@@ -216,8 +216,8 @@ def plot(rows: list[dict[str, Any]], title: str, path: str) -> None:
 
 SWEEP_M = (1024, 8192)
 SWEEP_N = (7152, 14336)
-def tile_label(tile: TileShape | None, m: int, cols: int) -> str:
-    chosen = tile or default_tile(m, cols, torch.cuda.get_device_properties(0).multi_processor_count)
+def tile_label(tile: TileShape | None, cols: int) -> str:
+    chosen = tile or default_tile(cols)
     text = f"{chosen.block_m}x{chosen.block_k}/{chosen.num_warps}w"
     if chosen.programs_per_sm:
         text += f" {chosen.programs_per_sm}/SM s{chosen.stages}"
@@ -239,7 +239,7 @@ def sweep(layout: str, replays: int) -> list[dict[str, Any]]:
                 padded_us = inputs.time_quant_us(padded_n, layout, tile, replays)
                 padded_gbps = inputs.padded_bytes(padded_n, layout) / padded_us / 1e3
                 results.append({
-                    "M": m, "N": n, "padded_n": padded_n, "layout": layout, "tile": tile_label(tile, m, cols),
+                    "M": m, "N": n, "padded_n": padded_n, "layout": layout, "tile": tile_label(tile, cols),
                     "quant_us": quant_us, "padded_us": padded_us, "copy_us": copy_us,
                     "padding_overhead": padded_us / quant_us, "padded_gbps": padded_gbps, "copy_gbps": copy_gbps,
                     "fraction_of_copy": padded_gbps / copy_gbps,

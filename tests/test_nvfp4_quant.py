@@ -13,7 +13,6 @@ from fusionpasses.kernels.nvfp4_quant import (
     E2M1_VALUES,
     _pair_byte,
     TileShape,
-    WALKING_TILE,
     default_tile,
     dequantize_nvfp4,
     e2m1_codes,
@@ -304,16 +303,14 @@ def test_kernel_rounds_scale_ties_and_subnormal_scales_like_the_reference(global
     assert torch.equal(as_bytes(scales), as_bytes(ref_scales))
 
 
-def test_default_tile_walks_large_inputs_and_shrinks_rows_per_program_until_the_gpu_is_full():
-    # 4096 row tiles over 147 programs (28 each), 512 over 74 (7 each): walk.
-    assert default_tile(8192, 7168) == WALKING_TILE
-    assert default_tile(1024, 14336) == WALKING_TILE
-    # 512 row tiles over 128 programs would be 4 each: one tile per program instead.
-    assert default_tile(1024, 7168) == TileShape(4, 1024, 4)  # 1792 programs, 8 KiB of bf16 each
-    assert default_tile(128, 7168) == TileShape(1, 1024, 1)  # 896 programs; 2 rows would give 448 < 4 * 132
-    assert default_tile(16, 7168) == TileShape(1, 1024, 1)
-    assert default_tile(100000, 256) == TileShape(16, 256, 4)  # narrower than a walking tile
-    assert default_tile(1, 48) == TileShape(1, 64, 1)
+def test_default_tile_is_one_warp_with_two_scale_blocks_a_thread():
+    assert default_tile(7168) == TileShape(2, 512, 1)
+    assert default_tile(512) == TileShape(2, 512, 1)
+    assert default_tile(256) == TileShape(4, 256, 1)  # narrower than the default tile: more rows
+    assert default_tile(48) == TileShape(16, 64, 1)
+    for cols in (16, 48, 100, 256, 512, 7168):
+        tile = default_tile(cols)
+        assert tile.block_m * tile.block_k == 32 * 32 * tile.num_warps  # 32 values (2 blocks) a thread
 
 
 # The kernel reads x as 32-bit words (two elements) where rows are 4-byte aligned, else as 2-byte elements:
