@@ -46,8 +46,9 @@ never changes the scale tensor's shape (its columns are already padded to 4 bloc
 GPU kernel: Triton, bit-identical to :func:`reference_nvfp4_quant`. A program quantizes a (row tile,
 K tile) of x: by default one warp, 2 rows x 512 columns (``TileShape``, ``default_tile``, tuned by
 ``scripts/bench_nvfp4_quant.py --sweep``; tiles can also walk the rows, loading the next ones ahead).
-Each thread owns whole scale blocks: it loads a block's 16 values as eight 32-bit words (two elements each, decoded with
-bit operations), reduces the amax, and stores the block's 8 packed bytes, so no value crosses threads.
+Each thread owns whole scale blocks: it loads a block's 16 values as eight 32-bit words (two elements
+each, decoded with bit operations), reduces the amax, and stores the block's 8 packed bytes, so no
+value crosses threads.
 Rows that are not 4-byte aligned (odd row stride, or a base 2 bytes past a word) take the same kernel
 with 2-byte loads instead (correct, slower; ``word_loads_possible``).
 E2M1 rounding is done in software on every GPU, Hopper and Blackwell alike, as float and integer
@@ -492,7 +493,7 @@ CANDIDATE_TILES = (
     # GPU tests check bit for bit: 32 elements (2 scale blocks) per thread but for two, 2 to 16 KiB of
     # bf16 per program. Tiles of 16 warps, and of 8 warps and 32 rows, lost on every shape of the first
     # sweeps and were dropped.
-    TileShape(2, 512, 1),
+    # The default tile (2 x 512, 1 warp) is swept and tested as the default; other one-warp tiles:
     TileShape(4, 256, 1),
     TileShape(8, 128, 1),
     TileShape(1, 1024, 1),
