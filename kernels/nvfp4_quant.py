@@ -12,7 +12,7 @@ Format (NVFP4, blocks of 16 along N; all arithmetic in float32, IEEE round-to-ne
     width         ``padded_n`` when given (>= N, a multiple of 16), else N. Columns N..width-1 are
                   quantized as zeros: their codes and their block scales are exactly 0.
     per block b of 16 values of a row:
-        amax_b    max |x| over the block (exact in float32)
+        amax_b    max |x| over the block's values that are not NaN (exact in float32; NaN if all are)
         scale_b   e4m3(min(amax_b * float32(1/6) * global_scale, 448)) (products left to right): FP8
                   E4M3 (float8_e4m3fn), rounded to nearest even, subnormals kept, saturated at 448. The
                   multiply by float32(1/6) = 0x3E2AAAAB (not a division) is what TensorRT-LLM and vLLM do.
@@ -56,11 +56,13 @@ multiply-adds in inline PTX (``_PAIR_BYTE_PTX``, which explains why; Triton's CP
 same steps in Triton). Blackwell's hardware ``cvt.rn.satfinite.e2m1x2.f32`` is not used: no Blackwell
 machine is available to check that path bit for bit. With the default tile the kernel moves 71-100% of
 a device copy's bytes per second at M >= 1024 on H100 (docs/benchmarks.md): 98-100% at M = 8192,
-71-74% at 1024 x 7168. The block scales are the GPU's own E4M3 conversion (``cvt.rn.satfinite``,
+71-75% at 1024 x 7152 and 7168 (two sessions' runs). The block scales are the GPU's own E4M3 conversion (``cvt.rn.satfinite``,
 nearest even), an integer encoding under Triton's CPU interpreter (``_e4m3.py``); both are checked
 against the reference (CPU suite and GPU tests). Divisions are IEEE (``tl.math.div_rn``): Triton's
 ``/`` is approximate on NVIDIA GPUs.
-NaN inputs give unspecified codes, confined to the NaN's own nibble.
+NaN inputs: a NaN is left out of its block's amax and quantizes to +-6 (code 7 with its own sign bit);
+a block of NaNs only gets the scale 448 (the min at 448 takes its non-NaN operand, as GPU min/max do).
+The reference does the same, so the kernel is bit-identical to it on any input.
 """
 
 from __future__ import annotations
@@ -192,8 +194,12 @@ def reference_nvfp4_quant(
     width = n if padded_n is None else padded_n
     blocks = F.pad(x.float(), (0, width - n)).reshape(m, width // BLOCK_SIZE, BLOCK_SIZE)
     gs = global_scale.float().reshape(1, 1).expand(m, width // BLOCK_SIZE)
-    amax = blocks.abs().amax(dim=-1)
-    scales = torch.clamp(amax * _sixth(amax) * gs, max=E4M3_MAX).to(torch.float8_e4m3fn)
+    # NaNs are left out of the amax (a block of NaNs only keeps NaN), and fmin(NaN, 448) is 448: what the
+    # GPU's max and min, which return their non-NaN operand, give the kernel.
+    magnitudes = blocks.abs()
+    amax = torch.where(magnitudes.isnan(), -1.0, magnitudes).amax(dim=-1)
+    amax = torch.where(amax < 0, torch.nan, amax)
+    scales = torch.fmin(amax * _sixth(amax) * gs, torch.full_like(amax, E4M3_MAX)).to(torch.float8_e4m3fn)
     decoded = scales.float()
     # Tensor / tensor: CUDA turns a division by a scalar into a multiply by its reciprocal.
     factor = torch.where(decoded > 0, gs / decoded, torch.zeros_like(decoded))

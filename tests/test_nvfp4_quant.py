@@ -282,6 +282,33 @@ def test_kernel_strided_rows_and_extreme_blocks(layout, tile):
     assert torch.equal(as_bytes(scales), as_bytes(ref_scales))
 
 
+def nan_input(dtype: torch.dtype) -> torch.Tensor:
+    """Blocks holding a NaN (either sign) among ordinary values, next to blocks without one."""
+    x = random_input(4, 96, dtype, seed=5)
+    x[0, 3] = float("nan")
+    x[1, 20] = -float("nan")
+    x[1, 48:64] = float("nan")
+    x[3, 95] = float("nan")
+    return x
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the interpreter's max over the block of NaNs
+@pytest.mark.parametrize("dtype", [BF16, torch.float16])
+def test_nan_is_left_out_of_the_amax_and_quantizes_to_six(dtype):
+    x = nan_input(dtype)
+    gs = torch.tensor([1.0])
+    ref_packed, ref_scales = reference_nvfp4_quant(x, gs, 128, "linear")
+    # The block's scale and its other codes are those of the block with the NaN set to 0; the NaN is +-6.
+    zeroed = reference_nvfp4_quant(torch.nan_to_num(x, nan=0.0), gs, 128, "linear")
+    assert torch.equal(as_bytes(ref_scales[:, :2]), as_bytes(zeroed[1][:, :2]))
+    assert ref_packed[0, 1] >> 4 == 7 and ref_packed[0, 1] & 0xF == zeroed[0][0, 1] & 0xF  # +NaN at column 3
+    assert ref_packed[1, 10] & 0xF == 7 | 8 * int(x.view(torch.int16)[1, 20] < 0)  # -NaN, if its sign survived
+    assert as_bytes(ref_scales)[1, 3] == 0x7E and (ref_packed[1, 24:32] == 0x77).all()  # a block of NaNs: 448
+    packed, scales = launch_nvfp4_quant(x, gs, 128, "linear")
+    assert torch.equal(packed, ref_packed)
+    assert torch.equal(as_bytes(scales), as_bytes(ref_scales))
+
+
 def scale_tie_input(global_scale: float, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Blocks whose float32 scale is exactly global_scale * 2^k, k = -16..8 (the block amax is 6 * 2^k and
     6 * float32(1/6) rounds to 1): with global_scale on an E4M3 midpoint (1.0625, 1.1875) every block scale

@@ -30,6 +30,7 @@ from tests.test_nvfp4_quant import (
     expected_pair_bytes,
     global_scale_of,
     midpoint_neighbourhood,
+    nan_input,
     round_up,
     scale_tie_input,
 )
@@ -87,6 +88,11 @@ def test_pair_encoder_on_every_float32_up_to_24_in_magnitude():
         assert mismatched == 0, f"{mismatched} pairs differ among magnitudes from bits {start:#x}"
     low = midpoint_neighbourhood(ulps=64).cuda()
     assert torch.equal(encode_pairs(-low, low), expected_pair_bytes(-low, low))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nan_inputs_match_the_reference(dtype):
+    assert_matches_cpu_reference(nan_input(dtype).cuda(), torch.tensor([1.0], device="cuda"), 128, "swizzled")
 
 
 @pytest.mark.parametrize("global_scale", [1.0625, 1.1875, 1.25, 1.75])
