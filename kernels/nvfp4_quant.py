@@ -56,9 +56,10 @@ multiply-adds in inline PTX (``_PAIR_BYTE_PTX``, which explains why; Triton's CP
 same steps in Triton). Blackwell's hardware ``cvt.rn.satfinite.e2m1x2.f32`` is not used: no Blackwell
 machine is available to check that path bit for bit. With the default tile the kernel moves 71-100% of
 a device copy's bytes per second at M >= 1024 on H100 (docs/benchmarks.md): 98-100% at M = 8192,
-71-75% at 1024 x 7152 and 7168 (two sessions' runs). The block scales are the GPU's own E4M3 conversion (``cvt.rn.satfinite``,
-nearest even), an integer encoding under Triton's CPU interpreter (``_e4m3.py``); both are checked
-against the reference (CPU suite and GPU tests). Divisions are IEEE (``tl.math.div_rn``): Triton's
+71-75% at 1024 x 7152 and 7168 over two sessions' runs (a kernel with its loads and stores alone: 80-83%).
+The block scales are the GPU's own E4M3 conversion (``cvt.rn.satfinite``, nearest even), an integer
+encoding under Triton's CPU interpreter (``_e4m3.py``); both are checked against the reference (CPU suite
+and GPU tests). Divisions are IEEE (``tl.math.div_rn``): Triton's
 ``/`` is approximate on NVIDIA GPUs.
 NaN inputs: a NaN is left out of its block's amax and quantizes to +-6 (code 7 with its own sign bit);
 a block of NaNs only gets the scale 448 (the min at 448 takes its non-NaN operand, as GPU min/max do).

@@ -227,7 +227,8 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
         worst = min(large)
         floor = min(r["load_store_only_fraction_of_copy"] for r in rows if r["M"] >= 1024)
         lines.append(f"bandwidth at M >= 1024: worst {100 * worst:.0f}% of copy (target >= 75%): "
-                     f"{'met' if worst >= 0.75 else 'MISSED'} (loads and stores alone on its grid: worst {100 * floor:.0f}%)")
+                     f"{'met' if worst >= 0.75 else 'MISSED'} "
+                     f"(loads and stores alone on its grid: worst {100 * floor:.0f}%)")
     return lines
 
 

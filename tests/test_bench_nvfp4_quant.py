@@ -24,7 +24,9 @@ def bench():
     del sys.modules["bench_nvfp4_quant"]
 
 
-@pytest.mark.parametrize("m,n,width,layout", [(3, 48, 64, "linear"), (130, 1040, 1056, "swizzled"), (2, 512, 512, "linear")])
+@pytest.mark.parametrize(
+    "m,n,width,layout", [(3, 48, 64, "linear"), (130, 1040, 1056, "swizzled"), (2, 512, 512, "linear")]
+)
 def test_load_store_only_writes_every_byte_of_the_quant_outputs(bench, m, n, width, layout):
     # Its time only bounds the quant kernel's if it moves the same bytes: the packed row from x's words,
     # every scale byte, padding rows and columns included.
@@ -44,5 +46,6 @@ def test_table_and_summary_show_the_load_store_only_floor(bench):
            "fraction_of_copy": 0.742, "load_store_only_fraction_of_copy": 0.832}
     assert bench.format_table([row]).splitlines()[1].endswith("74% |            83%")
     assert bench.summary([row])[-1] == (
-        "bandwidth at M >= 1024: worst 74% of copy (target >= 75%): MISSED (loads and stores alone on its grid: worst 83%)"
+        "bandwidth at M >= 1024: worst 74% of copy (target >= 75%): MISSED "
+        "(loads and stores alone on its grid: worst 83%)"
     )
