@@ -59,8 +59,7 @@ a device copy's bytes per second at M >= 1024 on H100 (docs/benchmarks.md): 98-1
 71-75% at 1024 x 7152 and 7168 over two sessions' runs (a kernel with its loads and stores alone: 80-83%).
 The block scales are the GPU's own E4M3 conversion (``cvt.rn.satfinite``, nearest even), an integer
 encoding under Triton's CPU interpreter (``_e4m3.py``); both are checked against the reference (CPU suite
-and GPU tests). Divisions are IEEE (``tl.math.div_rn``): Triton's
-``/`` is approximate on NVIDIA GPUs.
+and GPU tests). Divisions are IEEE (``tl.math.div_rn``): Triton's ``/`` is approximate on NVIDIA GPUs.
 NaN inputs: a NaN is left out of its block's amax and quantizes to +-6 (code 7 with its own sign bit);
 a block of NaNs only gets the scale 448 (the min at 448 takes its non-NaN operand, as GPU min/max do).
 The reference does the same, so the kernel is bit-identical to it on any input.

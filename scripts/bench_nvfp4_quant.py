@@ -174,7 +174,8 @@ def measure(m: int, n: int, layout: str, tile: TileShape | None, replays: int) -
     needs_pad = padded_n != n
     times["quant_pad_us"] = time_per_call_us(quant_then_pad, n_inputs, replays) if needs_pad else None
 
-    padded_gbps = inputs.padded_bytes(padded_n, layout) / times["padded_us"] / 1e3
+    padded_bytes = inputs.padded_bytes(padded_n, layout)
+    padded_gbps = padded_bytes / times["padded_us"] / 1e3
     copy_gbps = 2 * input_bytes / times["copy_us"] / 1e3
     return {
         "M": m,
@@ -188,7 +189,7 @@ def measure(m: int, n: int, layout: str, tile: TileShape | None, replays: int) -
         "padded_gbps": padded_gbps,
         "copy_gbps": copy_gbps,
         "fraction_of_copy": padded_gbps / copy_gbps,
-        "load_store_only_fraction_of_copy": times["padded_us"] / times["load_store_only_us"] * padded_gbps / copy_gbps,
+        "load_store_only_fraction_of_copy": padded_bytes / times["load_store_only_us"] / 1e3 / copy_gbps,
     }
 
 
